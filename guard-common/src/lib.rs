@@ -1,0 +1,20 @@
+//! Types and rules shared by guard's kernel programs (`guard-ebpf`) and its
+//! userspace (`guard-daemon`).
+//!
+//! Everything here is `no_std` so the kernel side can use it; the `user`
+//! feature adds what only userspace needs (aya `Pod` impls, pattern parsing).
+//! Layouts are `#[repr(C)]` and checked by size assertions, because the two
+//! sides are compiled by different compilers for different targets.
+#![no_std]
+
+#[cfg(any(feature = "user", test))]
+extern crate std;
+
+pub mod event;
+pub mod matching;
+pub mod maps;
+
+#[cfg(feature = "user")]
+pub mod pattern;
+#[cfg(feature = "user")]
+mod user;

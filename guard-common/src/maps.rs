@@ -1,0 +1,54 @@
+//! Names and value types of the maps and globals of the kernel object. The
+//! kernel side declares them; userspace finds them by these names.
+
+/// cgroup id -> [`Binding`]: which policy guards which cgroup.
+pub const BINDINGS: &str = "BINDINGS";
+/// [`crate::matching::RuleKey`] -> [`crate::matching::RuleEntry`].
+pub const RULES: &str = "RULES";
+/// Ring buffer of [`crate::event`] records.
+pub const EVENTS: &str = "EVENTS";
+/// Per-CPU `u64` counters indexed by [`Counter`].
+pub const COUNTERS: &str = "COUNTERS";
+
+/// Global: destination ports treated as DNS, network byte order, 0 = unused.
+pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
+/// Global: offset of `child_pid` in the `sched_process_fork` record, which
+/// differs between kernel versions; read from tracefs by userspace.
+pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+
+pub const MAX_DNS_PORTS: usize = 4;
+/// How deep below a guarded cgroup a process may sit and still be found by
+/// the ancestor walk.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+pub const PROGRAM_DNS_EGRESS: &str = "dns_egress";
+pub const PROGRAM_EXEC_ENTER: &str = "exec_enter";
+pub const PROGRAM_EXEC_EXIT: &str = "exec_exit";
+pub const PROGRAM_FORK: &str = "process_fork";
+
+/// Binding of a cgroup to a policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub policy_id: u32,
+    /// Non-zero: report instead of dropping, whatever the rules say.
+    pub audit_only: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Indices of the per-CPU counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// DNS queries whose question was inspected.
+    Inspected = 0,
+    Blocked = 1,
+    Audited = 2,
+    Malformed = 3,
+    /// Records that did not fit in the ring buffer.
+    EventsLost = 4,
+    /// DNS packets from a cgroup with no binding (dropped: fail closed).
+    Unbound = 5,
+}
+
+pub const COUNTER_SLOTS: u32 = 8;

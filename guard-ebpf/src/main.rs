@@ -1,0 +1,35 @@
+//! guard's kernel programs.
+//!
+//! - `dns_egress` (cgroup_skb/egress): reads every DNS query a guarded cgroup
+//!   sends and drops those whose name a deny rule matches.
+//! - `exec_enter`, `exec_exit`, `process_fork` (tracepoints): record what runs
+//!   in guarded cgroups, so every blocked query can be attributed to a process
+//!   chain with arguments even when the processes have already exited.
+//!
+//! On a host build this crate is an empty binary, so `cargo clippy --workspace`
+//! works; the real object is built for `bpfel-unknown-none` by guard-daemon's
+//! build script.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod process;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never reached.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

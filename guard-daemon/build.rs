@@ -13,7 +13,10 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("guard-daemon has no parent directory"))?;
     let ebpf_dir = root.join("guard-ebpf");
     // The kernel object also depends on the shared crate.
-    println!("cargo:rerun-if-changed={}", root.join("guard-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("guard-common").display()
+    );
     let ebpf_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;

@@ -11,8 +11,8 @@
 extern crate std;
 
 pub mod event;
-pub mod matching;
 pub mod maps;
+pub mod matching;
 
 #[cfg(feature = "user")]
 pub mod pattern;

@@ -42,7 +42,9 @@ impl fmt::Display for PatternError {
             PatternError::NameTooLong { len } => {
                 write!(f, "name is {len} bytes long, the limit is {MAX_NAME_LEN}")
             }
-            PatternError::EmptyLabel => write!(f, "empty label (two dots in a row, or a leading dot)"),
+            PatternError::EmptyLabel => {
+                write!(f, "empty label (two dots in a row, or a leading dot)")
+            }
             PatternError::LabelTooLong { label, len } => write!(
                 f,
                 "label {label:?} is {len} bytes long, the limit is {MAX_LABEL_LEN}"
@@ -52,7 +54,10 @@ impl fmt::Display for PatternError {
                 "character {ch:?} is not allowed (letters, digits, '-' and '_' only)"
             ),
             PatternError::MisplacedWildcard => {
-                write!(f, "'*' is only allowed as a whole leading label, as in '*.example.com'")
+                write!(
+                    f,
+                    "'*' is only allowed as a whole leading label, as in '*.example.com'"
+                )
             }
         }
     }
@@ -180,7 +185,10 @@ mod tests {
         let long = "a".repeat(64);
         assert_eq!(
             Pattern::parse(&format!("{long}.com")),
-            Err(LabelTooLong { label: long, len: 64 })
+            Err(LabelTooLong {
+                label: long,
+                len: 64
+            })
         );
         let name254 = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(62));
         assert_eq!(Pattern::parse(&name254), Err(NameTooLong { len: 254 }));

@@ -79,6 +79,16 @@ fn read<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
     ctx.load::<T>(offset as usize).ok()
 }
 
+/// Reads through `bpf_skb_load_bytes` only. Used on the DNS slow path: a
+/// helper's offset argument needs no precise tracking, so the verifier can
+/// merge states that differ only in offsets (with direct packet access it
+/// cannot, and the name walks blow up to hundreds of thousands of
+/// instructions).
+#[inline(always)]
+fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
+    ctx.load::<T>(offset as usize).ok()
+}
+
 /// The fast path: `Some` only for UDP/TCP packets to a DNS port.
 #[inline(always)]
 fn classify(ctx: &SkBuffContext) -> Option<Packet> {
@@ -188,10 +198,10 @@ fn inspect_payload(
     }
 
     // TCP: the payload is a run of messages, each behind a two-byte length.
-    let Some(data_offset) = read::<u8>(ctx, packet.l4_offset + 12) else {
+    let Some(data_offset) = load::<u8>(ctx, packet.l4_offset + 12) else {
         return PASS;
     };
-    let mut offset = packet.l4_offset + ((data_offset >> 4) as u32) * 4;
+    let offset = packet.l4_offset + ((data_offset >> 4) as u32) * 4;
     if offset >= packet_len || packet_len - offset == 2 {
         // Handshake, ACK or FIN; or a length prefix sent on its own, which
         // carries no name. The message itself is inspected when it comes.
@@ -253,7 +263,7 @@ extern "C" fn walk_tcp_messages(index: u64, state: *mut c_void) -> i64 {
         state.finished = 1;
         return 1;
     }
-    let Some(length) = read::<u16>(&ctx, state.offset) else {
+    let Some(length) = load::<u16>(&ctx, state.offset) else {
         state.verdict = settle(&ctx, &packet, &binding, event, Outcome::Malformed);
         state.finished = 1;
         return 1;
@@ -287,8 +297,10 @@ enum Outcome {
 }
 
 /// Reads the question of the message at `message` and decides it. The name
-/// is left in `event.qname`, the type in `event.qtype`.
-#[inline(always)]
+/// is left in `event.qname`, the type in `event.qtype`. A subprogram rather
+/// than inlined: it is called from three places, and each inlined copy would
+/// be verified and loaded again.
+#[inline(never)]
 fn inspect_message(
     ctx: &SkBuffContext,
     message: u32,
@@ -299,7 +311,7 @@ fn inspect_message(
     event.qtype = 0;
     event.qname_len = 0;
     event.qname[0] = 0;
-    let Some(header) = read::<[u8; 12]>(ctx, message) else {
+    let Some(header) = load::<[u8; 12]>(ctx, message) else {
         return Outcome::Malformed;
     };
     let questions = u16::from_be_bytes([header[4], header[5]]);
@@ -325,8 +337,14 @@ fn inspect_message(
     // gets optimised into a form it cannot follow).
     let to_load = (to_load.wrapping_sub(1) & 0xff) + 1;
     let buffer = event.qname.as_mut_ptr();
-    let loaded =
-        unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, name_offset, buffer as *mut c_void, to_load) };
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            name_offset,
+            buffer as *mut c_void,
+            to_load,
+        )
+    };
     if loaded != 0 {
         return Outcome::Malformed;
     }
@@ -345,16 +363,22 @@ fn inspect_message(
             0,
         )
     };
-    let wire_len = forward.wire_len;
-    if wire_len == 0 || wire_len > MAX_WIRE_NAME {
+    if forward.wire_len == 0 || forward.wire_len > MAX_WIRE_NAME {
         return Outcome::Malformed;
     }
-    let Some(qtype) = read::<u16>(ctx, name_offset + wire_len) else {
+    // The dotted name is qname[1..wire_len - 1]; keep the leading dot.
+    event.qname_len = (forward.wire_len - 1) as u16;
+    // Read back from map memory: the verifier then sees an unknown value
+    // instead of one derived from the callback, which stops it from tracking
+    // every possible length through the walk (precision backtracking).
+    let wire_len = unsafe { core::ptr::read_volatile(&event.qname_len) } as u32 + 1;
+    if wire_len > MAX_WIRE_NAME {
+        return Outcome::Malformed;
+    }
+    let Some(qtype) = load::<u16>(ctx, name_offset + wire_len) else {
         return Outcome::Malformed;
     };
     event.qtype = u16::from_be(qtype);
-    // The dotted name is qname[1..wire_len - 1]; keep the leading dot.
-    event.qname_len = (wire_len - 1) as u16;
     count(Counter::Inspected);
     if wire_len == 1 {
         // The root name: nothing a rule can name.
@@ -515,23 +539,23 @@ fn report(
     event.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
     event.socket_cookie = unsafe { bpf_get_socket_cookie(skb as *mut c_void) };
     event.boot_ns = unsafe { bpf_ktime_get_boot_ns() };
-    let ports: [u8; 4] = read(ctx, packet.l4_offset).unwrap_or([0; 4]);
+    let ports: [u8; 4] = load(ctx, packet.l4_offset).unwrap_or([0; 4]);
     event.src_port = u16::from_be_bytes([ports[0], ports[1]]);
     event.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
     event.tcp_seq = if packet.transport == IPPROTO_TCP {
-        u32::from_be(read(ctx, packet.l4_offset + 4).unwrap_or(0))
+        u32::from_be(load(ctx, packet.l4_offset + 4).unwrap_or(0))
     } else {
         0
     };
     event.src_addr = [0; 16];
     event.dst_addr = [0; 16];
     if packet.family == FAMILY_IPV4 {
-        let addresses: [u8; 8] = read(ctx, 12).unwrap_or([0; 8]);
+        let addresses: [u8; 8] = load(ctx, 12).unwrap_or([0; 8]);
         event.src_addr[..4].copy_from_slice(&addresses[..4]);
         event.dst_addr[..4].copy_from_slice(&addresses[4..]);
     } else {
-        event.src_addr = read(ctx, 8).unwrap_or([0; 16]);
-        event.dst_addr = read(ctx, 24).unwrap_or([0; 16]);
+        event.src_addr = load(ctx, 8).unwrap_or([0; 16]);
+        event.dst_addr = load(ctx, 24).unwrap_or([0; 16]);
     }
     if EVENTS.output::<DnsEvent>(&*event, 0).is_err() {
         count(Counter::EventsLost);

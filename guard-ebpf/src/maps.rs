@@ -45,7 +45,10 @@ static FORK_CHILD_PID_OFFSET: u32 = 20;
 pub fn is_dns_port(port_be: u16) -> bool {
     let ports = unsafe { core::ptr::read_volatile(&DNS_PORTS) };
     port_be != 0
-        && (port_be == ports[0] || port_be == ports[1] || port_be == ports[2] || port_be == ports[3])
+        && (port_be == ports[0]
+            || port_be == ports[1]
+            || port_be == ports[2]
+            || port_be == ports[3])
 }
 
 #[inline(always)]

@@ -7,7 +7,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_user_str},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_user_str,
+        },
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -98,7 +100,8 @@ fn record_exec(ctx: &TracePointContext) {
     }
     if i == MAX_ARGS {
         // Only truncated if there really was another argument.
-        let more: u64 = unsafe { bpf_probe_read_user((argv as *const u64).wrapping_add(i)) }.unwrap_or(0);
+        let more: u64 =
+            unsafe { bpf_probe_read_user((argv as *const u64).wrapping_add(i)) }.unwrap_or(0);
         if more != 0 {
             event.args_truncated = 1;
         }

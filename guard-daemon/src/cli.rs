@@ -1,0 +1,170 @@
+//! The `guard` command line.
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    policy::{Policy, RuleSet},
+    run::{run, RunOptions},
+};
+
+const EXIT_CODES: &str = "\
+Exit status of `guard run`:
+  CMD's own     nothing was blocked (or --audit was given)
+  77            at least one DNS lookup was blocked in enforce mode,
+                even if CMD exited 0 (the CI gate)
+  125           guard could not set up enforcement, or a policy or option
+                was invalid; CMD was not run (unless --fail-open)
+  126           CMD was found but could not be run
+  127           CMD was not found
+  128+N         CMD was killed by signal N
+  2             usage error on the command line
+
+Exit status of `guard policy check`: 0 all files valid, 1 otherwise.";
+
+/// Deploy-time egress guard: run a command in its own cgroup where DNS
+/// lookups of denylisted names are refused in the kernel, and report every
+/// refused lookup with the process chain that made it.
+#[derive(Debug, Parser)]
+#[command(name = "guard", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run CMD with DNS lookups of denylisted names refused.
+    ///
+    /// CMD and everything it starts run in a fresh cgroup v2 with eBPF
+    /// programs attached before CMD starts. A blocked UDP lookup fails at
+    /// once (EPERM); a blocked TCP lookup has its connection ended. Nothing
+    /// outside the cgroup is affected. Requires root.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Policy file (YAML); repeat to combine several.
+    #[arg(short, long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
+    /// Refuse NAME (`frontend.internal`) or every name below a domain
+    /// (`*.frontend.internal`); repeatable.
+    #[arg(long, value_name = "NAME")]
+    deny: Vec<String>,
+    /// Let NAME through even where a broader deny matches; repeatable.
+    #[arg(long, value_name = "NAME")]
+    allow: Vec<String>,
+    /// Let every lookup through; report what would have been blocked.
+    #[arg(long)]
+    audit: bool,
+    /// Write a JSON report of the run to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// If enforcement cannot be set up, run CMD unguarded instead of failing
+    /// with 125. A loud warning is printed.
+    #[arg(long)]
+    fail_open: bool,
+    /// Destination port treated as DNS (UDP and TCP); repeatable, up to 4.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    dns_ports: Vec<u16>,
+    /// Create the run's cgroup under this cgroup v2 directory instead of
+    /// guard's own cgroup.
+    #[arg(long, value_name = "DIR")]
+    cgroup_parent: Option<PathBuf>,
+    /// Print only the end-of-run summary, not a line per event.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Size of the kernel-to-userspace event buffer (a power of two, at
+    /// least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = ring_size)]
+    ring_buffer_size: u32,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; report every problem with file and line.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn ring_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    if size < 4096 || !size.is_power_of_two() {
+        return Err(format!("{size} is not a power of two of at least 4096"));
+    }
+    Ok(size)
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match cli.command {
+        Command::Run(args) => run(RunOptions {
+            command: args.command,
+            policy_files: args.policies,
+            deny: args.deny,
+            allow: args.allow,
+            audit: args.audit,
+            fail_open: args.fail_open,
+            report: args.report,
+            dns_ports: args.dns_ports,
+            cgroup_parent: args.cgroup_parent,
+            quiet: args.quiet,
+            ring_buffer_bytes: args.ring_buffer_size,
+        }),
+        Command::Policy(PolicyCommand::Check { files }) => check(&files),
+    }
+}
+
+fn check(files: &[PathBuf]) -> i32 {
+    let mut policies = Vec::new();
+    let mut failed = false;
+    for file in files {
+        match Policy::load(file) {
+            Ok(policy) => {
+                println!(
+                    "{}: ok: policy {} ({}, {} rules)",
+                    file.display(),
+                    policy.name,
+                    policy.mode,
+                    policy.rules.len()
+                );
+                policies.push(policy);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed = true;
+            }
+        }
+    }
+    // Files that are fine alone may still contradict each other.
+    if !failed && policies.len() > 1 {
+        if let Err(e) = RuleSet::compile(&policies, false) {
+            eprintln!("{e}");
+            failed = true;
+        }
+    }
+    i32::from(failed)
+}

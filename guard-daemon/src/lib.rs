@@ -1,0 +1,13 @@
+//! guard's userspace: policies, cgroups, program loading, events and
+//! reports, and the `guard` command line built on them.
+pub mod cgroup;
+pub mod cli;
+pub mod error;
+pub mod events;
+pub mod loader;
+pub mod policy;
+pub mod procs;
+pub mod reaper;
+pub mod report;
+pub mod run;
+pub mod sockdiag;

@@ -1,0 +1,261 @@
+//! What a run tells its user: a line per event as it happens, a summary on
+//! stderr when the command exits, and the JSON report (`--report`).
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, SystemTime},
+};
+
+use guard_common::event::Verdict;
+use serde::Serialize;
+
+use crate::{
+    events::{DnsQuery, Transport},
+    policy::{Mode, Rule, RuleSet},
+    procs::ChainLink,
+};
+
+pub const SCHEMA: &str = "guard.report/1";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleRef {
+    pub kind: String,
+    pub pattern: String,
+    pub policy: String,
+    pub origin: String,
+}
+
+impl RuleRef {
+    pub fn new(rule: &Rule) -> RuleRef {
+        RuleRef {
+            kind: rule.kind.to_string(),
+            pattern: rule.pattern.to_string(),
+            policy: rule.policy.clone(),
+            origin: rule.origin.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} (policy {}, {})",
+            self.kind, self.pattern, self.policy, self.origin
+        )
+    }
+}
+
+/// One reported query, with attribution.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRecord {
+    pub time: String,
+    pub verdict: &'static str,
+    pub name: String,
+    pub query_type: String,
+    pub transport: Transport,
+    pub resolver: String,
+    pub source: String,
+    pub pid: u32,
+    pub comm: String,
+    pub process_chain: Vec<ChainLink>,
+    pub rule: Option<RuleRef>,
+    /// For blocked TCP queries: whether the connection was ended at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_connection_ended: Option<bool>,
+}
+
+pub fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Blocked => "blocked",
+        Verdict::Audited => "audited",
+        Verdict::MalformedBlocked => "malformed-blocked",
+        Verdict::MalformedAudited => "malformed-audited",
+    }
+}
+
+impl EventRecord {
+    pub fn new(
+        query: &DnsQuery,
+        chain: Vec<ChainLink>,
+        rules: &RuleSet,
+        clock: &Clock,
+    ) -> EventRecord {
+        EventRecord {
+            time: clock.format(query.boot_ns),
+            verdict: verdict_name(query.verdict),
+            name: query.name.clone(),
+            query_type: query.qtype_name(),
+            transport: query.transport,
+            resolver: query.resolver.to_string(),
+            source: query.source.to_string(),
+            pid: query.pid,
+            comm: query.comm.clone(),
+            process_chain: chain,
+            rule: query
+                .rule_id
+                .and_then(|id| rules.rule(id))
+                .map(RuleRef::new),
+            tcp_connection_ended: None,
+        }
+    }
+
+    pub fn chain_text(&self) -> String {
+        if self.process_chain.is_empty() {
+            return format!("{} [{}]", self.comm, self.pid);
+        }
+        self.process_chain
+            .iter()
+            .map(ChainLink::short)
+            .collect::<Vec<_>>()
+            .join(" → ")
+    }
+
+    /// The live line printed when the event arrives.
+    pub fn line(&self) -> String {
+        let what = match self.verdict {
+            "blocked" => "blocked",
+            "audited" => "would block",
+            "malformed-blocked" => "blocked unreadable DNS query",
+            _ => "unreadable DNS query (let through)",
+        };
+        let name = if self.name.is_empty() {
+            String::new()
+        } else {
+            format!(" {} {}", self.query_type, self.name)
+        };
+        let rule = self
+            .rule
+            .as_ref()
+            .map(|r| format!(" [{} {}]", r.kind, r.pattern))
+            .unwrap_or_default();
+        format!(
+            "guard: {what}{name} via {}/{} from {}{rule}",
+            self.transport,
+            self.resolver,
+            self.chain_text()
+        )
+    }
+}
+
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+pub struct Counters {
+    pub inspected: u64,
+    pub blocked: u64,
+    pub audited: u64,
+    pub malformed: u64,
+    pub unbound: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyRef {
+    pub name: String,
+    pub source: Option<String>,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CommandExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub guard_version: &'static str,
+    pub command: Vec<String>,
+    pub command_exit: CommandExit,
+    pub exit_code: i32,
+    pub mode: Mode,
+    pub policies: Vec<PolicyRef>,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub cgroup: String,
+    pub events: Vec<EventRecord>,
+    pub events_lost: u64,
+    pub counters: Counters,
+}
+
+impl Report {
+    /// The end-of-run summary for stderr.
+    pub fn summary(&self) -> String {
+        let mut groups: BTreeMap<(&str, &str), Vec<&EventRecord>> = BTreeMap::new();
+        for event in &self.events {
+            groups
+                .entry((event.verdict, &event.name))
+                .or_default()
+                .push(event);
+        }
+        let mut out = String::new();
+        let blocked =
+            self.counters.blocked + self.counters.malformed * u64::from(self.mode == Mode::Enforce);
+        let _ = writeln!(
+            out,
+            "guard: {} DNS queries inspected, {} blocked, {} audited, {} unreadable; {} events lost",
+            self.counters.inspected, self.counters.blocked, self.counters.audited, self.counters.malformed, self.events_lost
+        );
+        let _ = blocked;
+        for ((verdict, name), events) in &groups {
+            let first = events[0];
+            let mut types: Vec<&str> = events.iter().map(|e| e.query_type.as_str()).collect();
+            types.sort_unstable();
+            types.dedup();
+            let label = match *verdict {
+                "blocked" => "BLOCKED",
+                "audited" => "WOULD BLOCK",
+                "malformed-blocked" => "BLOCKED (unreadable)",
+                _ => "UNREADABLE",
+            };
+            let name = if name.is_empty() { "(no name)" } else { name };
+            let _ = writeln!(
+                out,
+                "  {label} {name}  ×{}  [{}]",
+                events.len(),
+                types.join(", ")
+            );
+            if let Some(rule) = &first.rule {
+                let _ = writeln!(out, "      rule: {rule}");
+            }
+            let mut chains: Vec<String> = events.iter().map(|e| e.chain_text()).collect();
+            chains.dedup();
+            chains.sort();
+            chains.dedup();
+            for chain in chains.iter().take(3) {
+                let _ = writeln!(out, "      from: {chain}");
+            }
+            if chains.len() > 3 {
+                let _ = writeln!(out, "      … and {} other process chains", chains.len() - 3);
+            }
+            let _ = writeln!(out, "      first at {}", first.time);
+        }
+        out
+    }
+}
+
+/// Converts the kernel's boot-time stamps to wall-clock time.
+pub struct Clock {
+    wall_at_boot: SystemTime,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+            .unwrap_or_default();
+        Clock {
+            wall_at_boot: SystemTime::now() - boot,
+        }
+    }
+
+    pub fn format(&self, boot_ns: u64) -> String {
+        humantime::format_rfc3339_millis(self.wall_at_boot + Duration::from_nanos(boot_ns))
+            .to_string()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,589 @@
+//! `guard run`: one command in its own guarded cgroup.
+//!
+//! Order matters and is the whole safety argument:
+//! 1. policies are validated (nothing runs on bad input);
+//! 2. the reaper is forked while the process is single-threaded;
+//! 3. the cgroup is created, programs loaded, rules and binding written,
+//!    programs attached;
+//! 4. only then is the command started, placing itself in the cgroup before
+//!    it execs, so no instruction of it runs unguarded;
+//! 5. when it exits, whatever it left in the cgroup is killed, the last
+//!    events are read, the report written, and everything removed.
+use std::{
+    collections::HashSet,
+    ffi::OsString,
+    fs::File,
+    hash::{BuildHasher, Hasher},
+    io::{self, Write as _},
+    os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
+    path::PathBuf,
+    process::ExitStatus,
+    time::{Instant, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use guard_common::{
+    event::Verdict,
+    maps::{Binding, Counter},
+};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    cgroup::{run_cgroup_name, sweep_stale_runs, Hierarchy, RunCgroup},
+    error::{Error, Result},
+    events::{decode, DnsQuery, Record, Transport},
+    loader::{LoadOptions, Programs},
+    policy::{Mode, Policy, RuleSet},
+    procs::ProcessTable,
+    reaper::{self, Reaper},
+    report::{Clock, CommandExit, Counters, EventRecord, PolicyRef, Report, SCHEMA},
+    sockdiag,
+};
+
+/// At least one lookup was blocked in enforce mode (the CI gate).
+pub const EXIT_BLOCKED: i32 = 77;
+/// guard could not set up enforcement (or its input was invalid); the
+/// command was not run.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// The command was found but could not be run.
+pub const EXIT_CANNOT_RUN: i32 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// errno the child reports when it cannot enter the cgroup. Chosen because
+/// exec never returns it, so it cannot be mistaken for "cannot run".
+const PLACEMENT_FAILED: i32 = libc::ENOTRECOVERABLE;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub command: Vec<OsString>,
+    pub policy_files: Vec<PathBuf>,
+    pub deny: Vec<String>,
+    pub allow: Vec<String>,
+    pub audit: bool,
+    pub fail_open: bool,
+    pub report: Option<PathBuf>,
+    pub dns_ports: Vec<u16>,
+    pub cgroup_parent: Option<PathBuf>,
+    pub quiet: bool,
+    pub ring_buffer_bytes: u32,
+}
+
+/// Runs the command under guard and returns guard's exit status.
+pub fn run(options: RunOptions) -> i32 {
+    let policies = match load_policies(&options) {
+        Ok(policies) => policies,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            eprintln!("guard: the command was not run");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    let rules = match RuleSet::compile(&policies, options.audit) {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            eprintln!("guard: the command was not run");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    if rules.deny_count() == 0 && !options.quiet {
+        eprintln!("guard: warning: no deny rules; nothing will be blocked");
+    }
+    let placement = match Placement::prepare(&options) {
+        Ok(placement) => placement,
+        Err(e) => return setup_failed(&options, &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return setup_failed(&options, &Error::io("starting the async runtime")(e)),
+    };
+    runtime.block_on(supervise(options, policies, rules, placement))
+}
+
+fn load_policies(options: &RunOptions) -> Result<Vec<Policy>> {
+    let mut policies = Vec::new();
+    for path in &options.policy_files {
+        policies.push(Policy::load(path)?);
+    }
+    if !options.deny.is_empty() || !options.allow.is_empty() {
+        policies.push(Policy::from_command_line(&options.deny, &options.allow)?);
+    }
+    Ok(policies)
+}
+
+/// Where the run's cgroup goes, decided (and the reaper started) while the
+/// process is still single-threaded.
+struct Placement {
+    hierarchy: Hierarchy,
+    path: PathBuf,
+    reaper: Reaper,
+}
+
+impl Placement {
+    fn prepare(options: &RunOptions) -> Result<Placement> {
+        let nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let hierarchy = Hierarchy::find_or_mount(&format!("{}-{nonce:x}", std::process::id()))?;
+        let parent = match &options.cgroup_parent {
+            Some(parent) => parent.clone(),
+            None => hierarchy.own_cgroup()?,
+        };
+        for stale in sweep_stale_runs(&parent) {
+            tracing::warn!(cgroup = %stale.display(), "removed the cgroup of a guard run that died");
+        }
+        let path = parent.join(run_cgroup_name(std::process::id(), nonce));
+        let reaper = reaper::spawn(&path, hierarchy.private_mount())?;
+        Ok(Placement {
+            hierarchy,
+            path,
+            reaper,
+        })
+    }
+}
+
+fn setup_failed(options: &RunOptions, error: &Error) -> i32 {
+    eprintln!("guard: cannot set up enforcement: {error}");
+    if !options.fail_open {
+        eprintln!("guard: the command was not run (use --fail-open to run it unguarded instead)");
+        return EXIT_SETUP_FAILED;
+    }
+    eprintln!("guard: WARNING: --fail-open: running the command WITHOUT any DNS guard");
+    let Some((program, args)) = options.command.split_first() else {
+        return EXIT_SETUP_FAILED;
+    };
+    match std::process::Command::new(program).args(args).status() {
+        Ok(status) => exit_code_of(status),
+        Err(e) => spawn_error_code(program, &e),
+    }
+}
+
+/// Everything a run holds while the command runs. Dropping it detaches the
+/// programs and removes the cgroup, on every path out.
+struct Enforcement {
+    programs: Programs,
+    cgroup: Option<RunCgroup>,
+}
+
+impl Enforcement {
+    fn set_up(
+        options: &RunOptions,
+        rules: &RuleSet,
+        path: &std::path::Path,
+    ) -> Result<(Enforcement, RingBuf<MapData>)> {
+        let t = Instant::now();
+        let cgroup = RunCgroup::create(path)?;
+        tracing::debug!(elapsed = ?t.elapsed(), "cgroup created");
+        let setup = || -> Result<(Programs, RingBuf<MapData>)> {
+            let mut programs = Programs::load(&LoadOptions {
+                dns_ports: &options.dns_ports,
+                rule_capacity: rules.entries().len() as u32,
+                ring_buffer_bytes: options.ring_buffer_bytes,
+            })?;
+            tracing::debug!(elapsed = ?t.elapsed(), "programs loaded");
+            programs.install_rules(0, rules)?;
+            programs.bind(
+                cgroup.id(),
+                Binding {
+                    policy_id: 0,
+                    audit_only: u8::from(options.audit),
+                    _pad: [0; 3],
+                },
+            )?;
+            programs.attach_tracepoints()?;
+            tracing::debug!(elapsed = ?t.elapsed(), "tracepoints attached");
+            programs.attach_cgroup(cgroup.dir())?;
+            tracing::debug!(elapsed = ?t.elapsed(), "cgroup program attached");
+            let events = programs.take_events()?;
+            Ok((programs, events))
+        };
+        match setup() {
+            Ok((programs, events)) => Ok((
+                Enforcement {
+                    programs,
+                    cgroup: Some(cgroup),
+                },
+                events,
+            )),
+            Err(e) => {
+                let _ = cgroup.remove();
+                Err(e)
+            }
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        let read = |c| self.programs.counter(c).unwrap_or(0);
+        Counters {
+            inspected: read(Counter::Inspected),
+            blocked: read(Counter::Blocked),
+            audited: read(Counter::Audited),
+            malformed: read(Counter::Malformed),
+            unbound: read(Counter::Unbound),
+        }
+    }
+
+    fn events_lost(&self) -> u64 {
+        self.programs.counter(Counter::EventsLost).unwrap_or(0)
+    }
+
+    fn remove_cgroup(&mut self) -> Result<()> {
+        match self.cgroup.take() {
+            Some(cgroup) => cgroup.remove(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Enforcement {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_cgroup() {
+            eprintln!("guard: {e}");
+        }
+    }
+}
+
+async fn supervise(
+    options: RunOptions,
+    policies: Vec<Policy>,
+    rules: RuleSet,
+    placement: Placement,
+) -> i32 {
+    let started = Instant::now();
+    let started_at = SystemTime::now();
+    let Placement {
+        hierarchy,
+        path,
+        reaper,
+    } = placement;
+    let (mut enforcement, ring) = match Enforcement::set_up(&options, &rules, &path) {
+        Ok(ok) => ok,
+        Err(e) => {
+            drop(reaper);
+            drop(hierarchy);
+            return setup_failed(&options, &e);
+        }
+    };
+    let procs = match enforcement
+        .cgroup
+        .as_ref()
+        .map(RunCgroup::procs_for_writing)
+    {
+        Some(Ok(procs)) => procs,
+        Some(Err(e)) => {
+            drop(enforcement);
+            return setup_failed(&options, &e);
+        }
+        None => unreachable!("cgroup is present until removal"),
+    };
+
+    let (program, args) = options
+        .command
+        .split_first()
+        .expect("clap requires a command");
+    let mut command = tokio::process::Command::new(program);
+    command.args(args);
+    let procs_fd = procs.as_raw_fd();
+    // SAFETY: the closure only calls write(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // Enter the guarded cgroup before exec: if this fails the command
+            // never starts.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::from_raw_os_error(PLACEMENT_FAILED));
+            }
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.raw_os_error() == Some(PLACEMENT_FAILED) => {
+            drop(enforcement);
+            return setup_failed(&options, &Error::io("placing the command in its cgroup")(e));
+        }
+        Err(e) => {
+            drop(enforcement);
+            return spawn_error_code(program, &e);
+        }
+    };
+    drop(procs);
+    let child_pid = child.id().unwrap_or(0);
+
+    let mut state = RunState::new(child_pid, &rules, options.quiet);
+    let status = {
+        // SAFETY: the ring buffer owns its descriptor and keeps it open, with
+        // the same description, for as long as the AsyncFd holds it.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+        let mut ring = match registered.map_err(|e| e.into_parts().1) {
+            Ok(ring) => ring,
+            Err(e) => {
+                let _ = child.start_kill();
+                drop(enforcement);
+                return setup_failed(&options, &Error::io("watching the event ring buffer")(e));
+            }
+        };
+        let status = match wait_forwarding_signals(&mut child, &mut ring, &mut state).await {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("guard: {e}");
+                let _ = child.start_kill();
+                child
+                    .wait()
+                    .await
+                    .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
+            }
+        };
+        // Processes the command left behind are killed with the cgroup; the
+        // events they and the command produced are all in the ring by now.
+        let t = Instant::now();
+        if let Err(e) = enforcement.remove_cgroup() {
+            eprintln!("guard: {e}");
+        }
+        tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
+        state.drain(ring.get_mut());
+        status
+    };
+
+    let counters = enforcement.counters();
+    let events_lost = enforcement.events_lost();
+    let t = Instant::now();
+    drop(enforcement);
+    tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
+    drop(reaper);
+    drop(hierarchy);
+
+    let drops =
+        counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
+    let command_code = exit_code_of(status);
+    let exit_code = if drops > 0 {
+        EXIT_BLOCKED
+    } else {
+        command_code
+    };
+    let report = Report {
+        schema: SCHEMA,
+        guard_version: env!("CARGO_PKG_VERSION"),
+        command: options
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        command_exit: CommandExit {
+            code: status.code(),
+            signal: status.signal(),
+        },
+        exit_code,
+        mode: if options.audit {
+            Mode::Audit
+        } else {
+            Mode::Enforce
+        },
+        policies: policies
+            .iter()
+            .map(|p| PolicyRef {
+                name: p.name.clone(),
+                source: p.source.as_ref().map(|s| s.display().to_string()),
+                mode: if options.audit { Mode::Audit } else { p.mode },
+            })
+            .collect(),
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        cgroup: path.display().to_string(),
+        events: state.events,
+        events_lost,
+        counters,
+    };
+    if !options.quiet || !report.events.is_empty() || events_lost > 0 {
+        eprint!("{}", report.summary());
+    }
+    if events_lost > 0 {
+        eprintln!("guard: warning: {events_lost} events did not fit in the ring buffer and are missing above (counters are exact)");
+    }
+    if exit_code == EXIT_BLOCKED {
+        eprintln!(
+            "guard: exit {EXIT_BLOCKED}: {drops} DNS lookup(s) blocked (the command itself exited with {command_code})"
+        );
+    }
+    if let Some(path) = &options.report {
+        if let Err(e) = write_report(path, &report) {
+            eprintln!("guard: writing the report {}: {e}", path.display());
+            return EXIT_SETUP_FAILED;
+        }
+    }
+    exit_code
+}
+
+async fn wait_forwarding_signals(
+    child: &mut tokio::process::Child,
+    ring: &mut AsyncFd<RingBuf<MapData>>,
+    state: &mut RunState<'_>,
+) -> Result<ExitStatus> {
+    let listen = |kind: SignalKind| signal(kind).map_err(Error::io("installing signal handlers"));
+    let mut interrupt = listen(SignalKind::interrupt())?;
+    let mut terminate = listen(SignalKind::terminate())?;
+    let mut hangup = listen(SignalKind::hangup())?;
+    let mut quit = listen(SignalKind::quit())?;
+    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let forward = |signal: nix::sys::signal::Signal| {
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    };
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.map_err(Error::io("waiting for the command")),
+            readable = ring.readable_mut() => {
+                let mut guard = readable.map_err(Error::io("reading events"))?;
+                state.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = interrupt.recv() => {
+                // Ctrl-C at a terminal reaches the command directly (same
+                // process group); forwarding it too would deliver it twice.
+                if !in_terminal_foreground() {
+                    forward(nix::sys::signal::Signal::SIGINT);
+                }
+            }
+            _ = terminate.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+            _ = hangup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+            _ = quit.recv() => forward(nix::sys::signal::Signal::SIGQUIT),
+        }
+    }
+}
+
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    match nix::unistd::tcgetpgrp(&stdin) {
+        Ok(foreground) => foreground == nix::unistd::getpgrp(),
+        Err(_) => false,
+    }
+}
+
+/// Turns records into report entries as they arrive.
+struct RunState<'a> {
+    table: ProcessTable,
+    rules: &'a RuleSet,
+    clock: Clock,
+    quiet: bool,
+    events: Vec<EventRecord>,
+    /// (socket cookie, sequence) of TCP segments already reported, so
+    /// retransmits of one query are counted once.
+    seen_segments: HashSet<(u64, u32)>,
+    ended_connections: HashSet<u64>,
+}
+
+impl<'a> RunState<'a> {
+    fn new(root: u32, rules: &'a RuleSet, quiet: bool) -> RunState<'a> {
+        RunState {
+            table: ProcessTable::new(root),
+            rules,
+            clock: Clock::new(),
+            quiet,
+            events: Vec::new(),
+            seen_segments: HashSet::new(),
+            ended_connections: HashSet::new(),
+        }
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let record = decode(&item);
+            drop(item);
+            match record {
+                Some(Record::Dns(query)) => self.on_query(query),
+                Some(Record::Exec {
+                    tid, path, args, ..
+                }) => self.table.on_exec(tid, path, args),
+                Some(Record::ExecResult { pid, tid, ret }) => {
+                    self.table.on_exec_result(pid, tid, ret)
+                }
+                Some(Record::Fork {
+                    parent,
+                    child,
+                    comm,
+                }) => self.table.on_fork(parent, child, comm),
+                None => tracing::warn!("undecodable event record"),
+            }
+        }
+    }
+
+    fn on_query(&mut self, query: DnsQuery) {
+        let mut ended = None;
+        if query.transport == Transport::Tcp {
+            if query.verdict.dropped() && self.ended_connections.insert(query.socket_cookie) {
+                let result =
+                    sockdiag::destroy_tcp(query.source, query.resolver, query.socket_cookie);
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "could not end the blocked TCP connection");
+                }
+                ended = Some(result.is_ok());
+            }
+            if !self
+                .seen_segments
+                .insert((query.socket_cookie, query.tcp_seq))
+            {
+                return;
+            }
+        }
+        self.check_against_userspace(&query);
+        let mut record =
+            EventRecord::new(&query, self.table.chain(query.pid), self.rules, &self.clock);
+        record.tcp_connection_ended = ended;
+        if !self.quiet {
+            eprintln!("{}", record.line());
+        }
+        self.events.push(record);
+    }
+
+    /// The kernel matches by 64-bit hash; confirm the rule really matches
+    /// the name, so a collision could never be reported as a true match.
+    fn check_against_userspace(&self, query: &DnsQuery) {
+        if !matches!(query.verdict, Verdict::Blocked | Verdict::Audited) {
+            return;
+        }
+        let expected = self
+            .rules
+            .decide(&query.name)
+            .map(|(rule, _)| rule.pattern.to_string());
+        let reported = query
+            .rule_id
+            .and_then(|id| self.rules.rule(id))
+            .map(|r| r.pattern.to_string());
+        if expected != reported {
+            tracing::error!(name = %query.name, ?expected, ?reported, "kernel and userspace disagree on the matching rule");
+        }
+    }
+}
+
+fn write_report(path: &std::path::Path, report: &Report) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    serde_json::to_writer_pretty(&mut file, report)?;
+    file.write_all(b"\n")
+}
+
+/// The shell's convention: 128 + signal number for a command killed by one.
+pub fn exit_code_of(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => EXIT_SETUP_FAILED,
+    }
+}
+
+/// `env`'s convention: 127 when the command is not found, 126 otherwise.
+fn spawn_error_code(program: &std::ffi::OsStr, error: &io::Error) -> i32 {
+    eprintln!("guard: {}: {error}", program.to_string_lossy());
+    if error.kind() == io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_RUN
+    }
+}

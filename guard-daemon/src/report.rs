@@ -60,9 +60,10 @@ pub struct EventRecord {
     pub comm: String,
     pub process_chain: Vec<ChainLink>,
     pub rule: Option<RuleRef>,
-    /// For blocked TCP queries: whether the connection was ended at once.
+    /// For blocked queries: whether the sending socket was ended at once
+    /// (so the client failed fast instead of waiting for a timeout).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tcp_connection_ended: Option<bool>,
+    pub socket_ended: Option<bool>,
 }
 
 pub fn verdict_name(verdict: Verdict) -> &'static str {
@@ -96,7 +97,7 @@ impl EventRecord {
                 .rule_id
                 .and_then(|id| rules.rule(id))
                 .map(RuleRef::new),
-            tcp_connection_ended: None,
+            socket_ended: None,
         }
     }
 

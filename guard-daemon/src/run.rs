@@ -477,7 +477,7 @@ struct RunState<'a> {
     /// (socket cookie, sequence) of TCP segments already reported, so
     /// retransmits of one query are counted once.
     seen_segments: HashSet<(u64, u32)>,
-    ended_connections: HashSet<u64>,
+    ended_sockets: HashSet<u64>,
 }
 
 impl<'a> RunState<'a> {
@@ -489,7 +489,7 @@ impl<'a> RunState<'a> {
             quiet,
             events: Vec::new(),
             seen_segments: HashSet::new(),
-            ended_connections: HashSet::new(),
+            ended_sockets: HashSet::new(),
         }
     }
 
@@ -517,26 +517,29 @@ impl<'a> RunState<'a> {
 
     fn on_query(&mut self, query: DnsQuery) {
         let mut ended = None;
-        if query.transport == Transport::Tcp {
-            if query.verdict.dropped() && self.ended_connections.insert(query.socket_cookie) {
-                let result =
-                    sockdiag::destroy_tcp(query.source, query.resolver, query.socket_cookie);
-                if let Err(e) = &result {
-                    tracing::warn!(error = %e, "could not end the blocked TCP connection");
-                }
-                ended = Some(result.is_ok());
+        if query.verdict.dropped() && self.ended_sockets.insert(query.socket_cookie) {
+            let protocol = match query.transport {
+                Transport::Tcp => sockdiag::Protocol::Tcp,
+                Transport::Udp => sockdiag::Protocol::Udp,
+            };
+            let result =
+                sockdiag::destroy(protocol, query.source, query.resolver, query.socket_cookie);
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, transport = %query.transport, "could not end the blocked query's socket");
             }
-            if !self
+            ended = Some(result.is_ok());
+        }
+        if query.transport == Transport::Tcp
+            && !self
                 .seen_segments
                 .insert((query.socket_cookie, query.tcp_seq))
-            {
-                return;
-            }
+        {
+            return;
         }
         self.check_against_userspace(&query);
         let mut record =
             EventRecord::new(&query, self.table.chain(query.pid), self.rules, &self.clock);
-        record.tcp_connection_ended = ended;
+        record.socket_ended = ended;
         if !self.quiet {
             eprintln!("{}", record.line());
         }

@@ -1,10 +1,14 @@
-//! Ends a TCP connection whose DNS query was blocked.
+//! Ends the socket whose DNS query was blocked, so the client fails at once.
 //!
-//! Dropping a TCP segment only makes the sender retransmit for minutes; a
-//! cgroup_skb program cannot reset the connection itself. Userspace asks the
-//! kernel to destroy the socket (sock_diag `SOCK_DESTROY`), and the client
-//! sees ECONNABORTED at once. The socket is named by its 4-tuple and the
-//! cookie the kernel program reported, so no other socket can be hit.
+//! TCP: dropping a segment only makes the sender retransmit for minutes; a
+//! cgroup_skb program cannot reset the connection itself. UDP: the sender
+//! gets EPERM from its send, but clients built on event loops (dig, libuv)
+//! ignore send errors and wait for a reply until their timeout.
+//!
+//! Userspace asks the kernel to destroy the socket (sock_diag
+//! `SOCK_DESTROY`): TCP clients see ECONNABORTED, UDP clients waiting for a
+//! reply are woken with ECONNABORTED. The socket is named by its addresses
+//! and the cookie the kernel program reported, so no other socket is hit.
 //!
 //! Hand-written rather than through a netlink crate: it is one fixed-size
 //! request, and the netlink crates reviewed do not build SOCK_DESTROY.
@@ -19,7 +23,7 @@ const SOCK_DESTROY: u16 = 21;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLMSG_ERROR: u16 = 2;
-const TCP_ALL_STATES: u32 = 0xfff;
+const ALL_STATES: u32 = 0xfff;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -60,15 +64,26 @@ struct Request {
     body: InetDiagReqV2,
 }
 
-/// Destroys the TCP socket `source -> destination` with this cookie. An IPv4
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// Destroys the socket `source -> destination` with this cookie. An IPv4
 /// packet may come from a dual-stack IPv6 socket (`::ffff:a.b.c.d`), so that
 /// form is tried too.
-pub fn destroy_tcp(source: SocketAddr, destination: SocketAddr, cookie: u64) -> io::Result<()> {
+pub fn destroy(
+    protocol: Protocol,
+    source: SocketAddr,
+    destination: SocketAddr,
+    cookie: u64,
+) -> io::Result<()> {
     let socket = open()?;
-    let first = request(&socket, source, destination, cookie, false);
+    let first = request(&socket, protocol, source, destination, cookie, false);
     match (first, source.ip()) {
         (Ok(()), _) => Ok(()),
-        (Err(_), IpAddr::V4(_)) => request(&socket, source, destination, cookie, true),
+        (Err(_), IpAddr::V4(_)) => request(&socket, protocol, source, destination, cookie, true),
         (Err(e), _) => Err(e),
     }
 }
@@ -106,6 +121,7 @@ fn open() -> io::Result<OwnedFd> {
 
 fn request(
     socket: &OwnedFd,
+    protocol: Protocol,
     source: SocketAddr,
     destination: SocketAddr,
     cookie: u64,
@@ -144,8 +160,11 @@ fn request(
         },
         body: InetDiagReqV2 {
             family: family as u8,
-            protocol: libc::IPPROTO_TCP as u8,
-            states: TCP_ALL_STATES,
+            protocol: match protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP as u8,
+                Protocol::Udp => libc::IPPROTO_UDP as u8,
+            },
+            states: ALL_STATES,
             id,
             ..Default::default()
         },

@@ -1,0 +1,148 @@
+//! Shared set-up for the real-kernel tests: every test gets its own network
+//! namespace (so servers on port 53 and the guarded clients never meet the
+//! host's network, nor each other), DNS servers on 127.0.0.1:53 and
+//! [::1]:53, and a private /etc/resolv.conf pointing at them.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use guard_testkit::DnsServer;
+
+pub const GUARD: &str = env!("CARGO_BIN_EXE_guard");
+
+pub struct Sandbox {
+    pub v4: DnsServer,
+    pub v6: DnsServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "these tests load eBPF programs and must run as root (cargo xtask test)"
+        );
+        // Affects only this test's thread and what it starts.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        let status = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip link set lo up");
+        let v4 =
+            DnsServer::start("127.0.0.1:53".parse().unwrap()).expect("DNS server on 127.0.0.1:53");
+        let v6 = DnsServer::start("[::1]:53".parse().unwrap()).expect("DNS server on [::1]:53");
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join("resolv.conf"),
+            "nameserver 127.0.0.1\noptions attempts:1 timeout:3\n",
+        )
+        .unwrap();
+        Sandbox { v4, v6, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `guard ARGS...` in a private mount namespace whose /etc/resolv.conf
+    /// names the test servers.
+    pub fn guard(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+            .arg(self.path("resolv.conf"))
+            .arg(GUARD)
+            .args(args);
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.guard(args).output().expect("running guard"))
+    }
+}
+
+/// The test DNS client (guard-testkit's guard-dns-query), built beside guard.
+pub fn dns_query() -> String {
+    let path = Path::new(GUARD).with_file_name("guard-dns-query");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo xtask test does)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn report(path: &Path) -> serde_json::Value {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("report {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// Polls `condition` for up to `limit` (used for processes finishing, not to
+/// measure speed).
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// This process's cgroup v2 directory (guard creates run cgroups under the
+/// cgroup it runs in).
+pub fn own_cgroup_dir() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = guard_daemon::cgroup::cgroup2_mount_point(&mountinfo).expect("cgroup2 mounted");
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    mount.join(relative.trim_start_matches('/'))
+}
+
+pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("guard-run-{pid}-");
+    fs::read_dir(own_cgroup_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}

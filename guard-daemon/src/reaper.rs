@@ -14,7 +14,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nix::unistd::{fork, pipe, setsid, ForkResult};
+use nix::{
+    fcntl::OFlag,
+    unistd::{fork, pipe2, setsid, ForkResult},
+};
 
 use crate::{
     cgroup::remove_cgroup_tree,
@@ -30,7 +33,10 @@ pub struct Reaper {
 /// Must be called while the process has a single thread (before the async
 /// runtime starts), since the child continues with ordinary Rust code.
 pub fn spawn(cgroup: &Path, private_mount: Option<&Path>) -> Result<Reaper> {
-    let (read_end, write_end) = pipe().map_err(Error::sys("creating the reaper's pipe"))?;
+    // Close-on-exec: the command must not inherit the write end, or the
+    // reaper would keep waiting for as long as the command lives.
+    let (read_end, write_end) =
+        pipe2(OFlag::O_CLOEXEC).map_err(Error::sys("creating the reaper's pipe"))?;
     let cgroup: PathBuf = cgroup.to_owned();
     let private_mount: Option<PathBuf> = private_mount.map(Path::to_owned);
     // SAFETY: single-threaded at this point (documented precondition).

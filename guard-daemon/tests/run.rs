@@ -717,3 +717,37 @@ fn help_documents_the_exit_statuses() {
         );
     }
 }
+
+#[test]
+fn setup_failure_refuses_to_run_unless_fail_open() {
+    let sandbox = Sandbox::new();
+    let marker = sandbox.path("ran");
+    let touch = ["touch", marker.to_str().unwrap()];
+    let mut args = vec![
+        "run",
+        "--cgroup-parent",
+        "/nonexistent/cgroup",
+        "--deny",
+        "frontend.internal",
+        "--",
+    ];
+    args.extend_from_slice(&touch);
+    let run = sandbox.run(&args);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(run.stderr.contains("cannot set up enforcement"), "{run:?}");
+    assert!(run.stderr.contains("/nonexistent/cgroup"), "{run:?}");
+    assert!(!marker.exists(), "the command must not run unguarded");
+
+    let mut args = vec![
+        "run",
+        "--fail-open",
+        "--cgroup-parent",
+        "/nonexistent/cgroup",
+        "--",
+    ];
+    args.extend_from_slice(&touch);
+    let run = sandbox.run(&args);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("WITHOUT any DNS guard"), "{run:?}");
+    assert!(marker.exists());
+}

@@ -70,9 +70,10 @@ fn read<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
         let skb = ctx.skb.skb;
         let (data, data_end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
         let at = data + offset as usize;
-        // One byte of slack: for a 1-byte read LLVM turns `at + 1 <= end`
-        // into `at < end`, from which the verifier derives no readable range.
-        if at + core::mem::size_of::<T>() + 1 <= data_end {
+        // One byte of slack (`<`, not `<=`): for a 1-byte read LLVM turns
+        // `at + 1 <= end` into `at < end`, from which the verifier derives
+        // no readable range. The last byte of a packet takes the slow path.
+        if at + core::mem::size_of::<T>() < data_end {
             return Some(unsafe { (at as *const T).read_unaligned() });
         }
     }
@@ -400,7 +401,7 @@ fn inspect_message(
         )
     };
     let mut walk = backward.walk;
-    if let Some(entry) = unsafe { RULES.get(&RuleKey::new(binding.policy_id, walk.hash)) } {
+    if let Some(entry) = unsafe { RULES.get(RuleKey::new(binding.policy_id, walk.hash)) } {
         walk.consider(&entry.exact);
     }
     match Action::from_u8(walk.best.action) {
@@ -473,7 +474,7 @@ extern "C" fn walk_backward(index: u64, state: *mut c_void) -> i64 {
     let i = (state.last - k) & 0xff;
     let value = unsafe { *state.name.add(i as usize) };
     if let Some(suffix) = state.walk.step(value) {
-        if let Some(entry) = unsafe { RULES.get(&RuleKey::new(state.policy_id, suffix)) } {
+        if let Some(entry) = unsafe { RULES.get(RuleKey::new(state.policy_id, suffix)) } {
             state.walk.consider(&entry.wildcard);
         }
     }

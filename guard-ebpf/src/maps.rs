@@ -69,7 +69,7 @@ pub fn count(counter: Counter) {
 /// ancestor (a guarded command may create child cgroups).
 #[inline(always)]
 pub fn find_binding(own_id: u64, ancestor: impl Fn(u32) -> u64) -> Option<Binding> {
-    if let Some(binding) = unsafe { BINDINGS.get(&own_id) } {
+    if let Some(binding) = unsafe { BINDINGS.get(own_id) } {
         return Some(*binding);
     }
     let mut found = None;
@@ -79,7 +79,7 @@ pub fn find_binding(own_id: u64, ancestor: impl Fn(u32) -> u64) -> Option<Bindin
         if id == 0 {
             break;
         }
-        if let Some(binding) = unsafe { BINDINGS.get(&id) } {
+        if let Some(binding) = unsafe { BINDINGS.get(id) } {
             found = Some(*binding);
         }
         level += 1;

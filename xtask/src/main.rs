@@ -1,1 +1,136 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! `test` and `demo` install what they need first (`setup`), so on a fresh
+//! machine each is the one command to type. Both need root: they load eBPF
+//! programs and create cgroups.
+mod demo;
+mod setup;
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+fn main() {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let result = match task.as_str() {
+        "setup" => setup::setup(),
+        "test" => test(),
+        "demo" => demo::demo(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n\
+                 tasks:\n  \
+                 setup   install the nightly rust-src, bpf-linker and the test tools if missing\n  \
+                 test    setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
+                 demo    setup, then a sample deploy script under guard against a loopback DNS server (root)"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask {task}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn test() -> Result<()> {
+    require_root("test")?;
+    setup::setup()?;
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate, for the target it is really built for.
+    run(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "guard-ebpf",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"])
+        // As aya-build passes it when building the object.
+        .env(
+            "RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        ))?;
+    // Integration tests drive the test client binary built beside guard.
+    run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    cargo_test()
+}
+
+/// Runs the tests, echoing their output, and closes with one total line:
+/// cargo's own last line is about whichever test binary ran last (often a
+/// crate without doc-tests), not about the run.
+fn cargo_test() -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut command = Command::new("cargo");
+    command
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(Stdio::piped());
+    eprintln!("+ {command:?}");
+    let mut child = command.spawn().context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+pub fn require_root(task: &str) -> Result<()> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("`cargo xtask {task}` loads eBPF programs and creates cgroups: run it as root");
+    }
+    Ok(())
+}
+
+pub fn run(command: &mut Command) -> Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

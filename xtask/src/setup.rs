@@ -1,0 +1,187 @@
+//! `cargo xtask setup`: installs what building and testing guard needs and a
+//! fresh machine lacks. Idempotent: each step checks first.
+//!
+//! - the nightly toolchain's rust-src (eBPF crates are built with
+//!   `-Z build-std=core`);
+//! - bpf-linker, built against an LLVM with the same major version as
+//!   nightly's: first nightly's own libLLVM, then Debian's llvm-N-dev;
+//! - dig and the other command-line tools the tests drive.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{run, succeeds};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn setup() -> Result<()> {
+    nightly_with_rust_src()?;
+    bpf_linker()?;
+    test_tools()?;
+    println!("setup: everything needed is installed");
+    Ok(())
+}
+
+fn nightly_with_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        return Ok(());
+    }
+    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` printed no LLVM version")?
+        .to_string();
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} for LLVM {major} (about a minute)");
+
+    // 1. Nightly ships libLLVM; point bpf-linker at it through a prefix
+    //    directory that outlives this build (bpf-linker's RUNPATH names it).
+    let first = nightly_llvm_prefix(&major).and_then(|prefix| install_bpf_linker(&major, &prefix));
+    let first_error = match first {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    println!("setup: building against nightly's libLLVM failed ({first_error:#}); trying Debian's llvm-{major}-dev");
+
+    // 2. Debian's LLVM of the same major version.
+    apt_install(&[
+        &format!("llvm-{major}-dev"),
+        &format!("libpolly-{major}-dev"),
+        "zlib1g-dev",
+        "libzstd-dev",
+    ])?;
+    install_bpf_linker(&major, Path::new(&format!("/usr/lib/llvm-{major}"))).with_context(|| {
+        format!(
+            "bpf-linker could not be built against nightly's libLLVM ({first_error:#}) nor against Debian's \
+             llvm-{major}-dev"
+        )
+    })
+}
+
+/// A directory `P/lib` holding `libLLVM.so` and its soname, both pointing at
+/// nightly's libLLVM.
+fn nightly_llvm_prefix(major: &str) -> Result<PathBuf> {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    let library = fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("libLLVM.so.{major}"))
+                    || n.starts_with(&format!("libLLVM-{major}"))
+            })
+        })
+        .with_context(|| format!("no libLLVM for LLVM {major} in {}", lib_dir.display()))?;
+    let home = env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = home.join(format!("guard-llvm-{major}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    let soname = library.file_name().expect("file name").to_owned();
+    for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(soname)] {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library, &link)?;
+    }
+    Ok(prefix)
+}
+
+fn install_bpf_linker(major: &str, prefix: &Path) -> Result<()> {
+    let mut command = Command::new("cargo");
+    command
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", prefix)
+        .env(format!("LLVM_SYS_{major}1_PREFIX"), prefix);
+    run(&mut command)?;
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)");
+    }
+    Ok(())
+}
+
+fn test_tools() -> Result<()> {
+    let needed: Vec<&str> = [
+        ("dig", "bind9-dnsutils"),
+        ("ip", "iproute2"),
+        ("unshare", "util-linux"),
+        ("getent", "libc-bin"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])))
+    .map(|(_, package)| package)
+    .collect();
+    if needed.is_empty() {
+        return Ok(());
+    }
+    apt_install(&needed)
+}
+
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    println!("setup: apt-get install {}", packages.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!("{command:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -37,6 +37,9 @@ pub enum Verdict {
     MalformedBlocked = 3,
     /// As above in audit mode: let through, reported.
     MalformedAudited = 4,
+    /// Let through (no rule, or an allow rule); reported only for bindings
+    /// in record mode, and only the first time a (name, type) is seen.
+    Allowed = 5,
 }
 
 impl Verdict {
@@ -46,6 +49,7 @@ impl Verdict {
             2 => Some(Verdict::Audited),
             3 => Some(Verdict::MalformedBlocked),
             4 => Some(Verdict::MalformedAudited),
+            5 => Some(Verdict::Allowed),
             _ => None,
         }
     }
@@ -76,7 +80,7 @@ pub struct DnsEvent {
     pub qtype: u16,
     /// Bytes of `qname` that hold the name, leading dot included.
     pub qname_len: u16,
-    /// Rule table index of the matching rule; `u32::MAX` when none (malformed).
+    /// Rule table index of the matching rule; `u32::MAX` when none.
     pub rule_id: u32,
     pub policy_id: u32,
     /// Thread group id (the process id userspace knows) of the sender.

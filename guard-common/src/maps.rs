@@ -9,6 +9,9 @@ pub const RULES: &str = "RULES";
 pub const EVENTS: &str = "EVENTS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "COUNTERS";
+/// LRU map [`SeenKey`] -> `u64` query count, for bindings in record mode:
+/// each distinct (name, type) is reported once, later queries only counted.
+pub const SEEN: &str = "SEEN";
 
 /// Global: destination ports treated as DNS, network byte order, 0 = unused.
 pub const GLOBAL_DNS_PORTS: &str = "DNS_PORTS";
@@ -33,7 +36,20 @@ pub struct Binding {
     pub policy_id: u32,
     /// Non-zero: report instead of dropping, whatever the rules say.
     pub audit_only: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero: also report allowed names, once per (name, type).
+    pub record: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`SEEN`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeenKey {
+    pub policy_id: u32,
+    pub qtype: u16,
+    pub _pad: u16,
+    /// [`crate::matching::name_hash`] of the whole name.
+    pub name_hash: u64,
 }
 
 /// Indices of the per-CPU counters.

@@ -1,7 +1,7 @@
 //! aya `Pod` impls: these types are plain old data (repr(C), no padding the
 //! kernel could leave uninitialised that we rely on).
 use crate::{
-    maps::Binding,
+    maps::{Binding, SeenKey},
     matching::{RuleEntry, RuleKey},
 };
 
@@ -11,3 +11,5 @@ unsafe impl aya::Pod for RuleKey {}
 unsafe impl aya::Pod for RuleEntry {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Binding {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SeenKey {}

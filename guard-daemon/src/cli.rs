@@ -4,7 +4,10 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    inventory::{self, Inventory},
     policy::{Policy, RuleSet},
+    render,
+    report::Report,
     run::{run, RunOptions},
 };
 
@@ -20,7 +23,8 @@ Exit status of `guard run`:
   128+N         CMD was killed by signal N
   2             usage error on the command line
 
-Exit status of `guard policy check`: 0 all files valid, 1 otherwise.";
+Exit status of `guard policy check`: 0 all files valid, 1 otherwise.
+With --audit --fail-on-block, 77 also when a lookup would have been blocked.";
 
 /// Deploy-time egress guard: run a command in its own cgroup where DNS
 /// lookups of denylisted names are refused in the kernel, and report every
@@ -34,6 +38,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Render a saved JSON report (from `guard run --report`) again.
+    Report(ReportArgs),
     /// Run CMD with DNS lookups of denylisted names refused.
     ///
     /// CMD and everything it starts run in a fresh cgroup v2 with eBPF
@@ -79,6 +85,22 @@ struct RunArgs {
     /// Print only the end-of-run summary, not a line per event.
     #[arg(short, long)]
     quiet: bool,
+    /// With --audit (or audit-mode policies): exit 77 when a lookup would
+    /// have been blocked, so the CI job fails without breaking the deploy.
+    #[arg(long)]
+    fail_on_block: bool,
+    /// Write a JUnit XML report: one failing test case per blocked name.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Write a markdown summary (written to $GITHUB_STEP_SUMMARY
+    /// automatically on GitHub Actions).
+    #[arg(long, value_name = "FILE")]
+    summary_markdown: Option<PathBuf>,
+    /// Record every name the command resolved, allowed or not, with query
+    /// types, counts and the asking process chain (JSON). Turn it into a
+    /// starting policy with `guard policy suggest`.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
     /// Size of the kernel-to-userspace event buffer (a power of two, at
     /// least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = ring_size)]
@@ -95,6 +117,37 @@ enum PolicyCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Print a starting policy (YAML, commented) from a `--record` file.
+    Suggest {
+        /// The record written by `guard run --record`.
+        #[arg(value_name = "RECORD")]
+        record: PathBuf,
+        /// Name of the suggested policy.
+        #[arg(long, default_value = "suggested")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// A JSON report written by `guard run --report`.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: ReportFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    /// The end-of-run summary, as on a terminal.
+    Text,
+    /// Markdown, as in a CI job summary.
+    Markdown,
+    /// JUnit XML.
+    Junit,
+    /// GitHub Actions annotations (workflow commands).
+    Github,
 }
 
 fn ring_size(text: &str) -> Result<u32, String> {
@@ -133,8 +186,48 @@ pub fn main() -> i32 {
             cgroup_parent: args.cgroup_parent,
             quiet: args.quiet,
             ring_buffer_bytes: args.ring_buffer_size,
+            fail_on_block: args.fail_on_block,
+            junit: args.junit,
+            summary_markdown: args.summary_markdown,
+            record: args.record,
         }),
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
+        Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
+        Command::Report(args) => report(&args),
+    }
+}
+
+fn report(args: &ReportArgs) -> i32 {
+    let report = match Report::load(&args.file) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            return 1;
+        }
+    };
+    match args.format {
+        ReportFormat::Text => print!("{}", render::text(&report, false)),
+        ReportFormat::Markdown => print!("{}", render::markdown(&report)),
+        ReportFormat::Junit => print!("{}", render::junit(&report)),
+        ReportFormat::Github => {
+            for line in render::github_annotations(&report) {
+                println!("{line}");
+            }
+        }
+    }
+    0
+}
+
+fn suggest(record: &std::path::Path, name: &str) -> i32 {
+    match Inventory::load(record) {
+        Ok(inventory) => {
+            print!("{}", inventory::suggest(&inventory, name, record));
+            0
+        }
+        Err(e) => {
+            eprintln!("guard: {e}");
+            1
+        }
     }
 }
 

@@ -5,9 +5,9 @@ use guard_common::event::{
     DnsEvent, EventKind, ExecEvent, ExecResultEvent, ForkEvent, Verdict, FAMILY_IPV4, TRANSPORT_TCP,
 };
 use hickory_proto::rr::RecordType;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     Udp,

@@ -10,9 +10,9 @@ use aya::{
 };
 use guard_common::{
     maps::{
-        Binding, Counter, BINDINGS, COUNTERS, COUNTER_SLOTS, EVENTS, GLOBAL_DNS_PORTS,
+        Binding, Counter, SeenKey, BINDINGS, COUNTERS, COUNTER_SLOTS, EVENTS, GLOBAL_DNS_PORTS,
         GLOBAL_FORK_CHILD_PID_OFFSET, MAX_DNS_PORTS, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER,
-        PROGRAM_EXEC_EXIT, PROGRAM_FORK, RULES,
+        PROGRAM_EXEC_EXIT, PROGRAM_FORK, RULES, SEEN,
     },
     matching::{RuleEntry, RuleKey},
 };
@@ -143,6 +143,22 @@ impl Programs {
             name: EVENTS,
             source,
         })
+    }
+
+    /// Query counts of the names reported in record mode, by (name hash,
+    /// query type), for one policy.
+    pub fn seen_counts(&self, policy_id: u32) -> std::collections::HashMap<(u64, u16), u64> {
+        let Some(map) = self.ebpf.map(SEEN) else {
+            return Default::default();
+        };
+        let Ok(seen) = aya::maps::PerCpuHashMap::<&MapData, SeenKey, u64>::try_from(map) else {
+            return Default::default();
+        };
+        seen.iter()
+            .flatten()
+            .filter(|(key, _)| key.policy_id == policy_id)
+            .map(|(key, counts)| ((key.name_hash, key.qtype), counts.iter().sum()))
+            .collect()
     }
 
     /// Sum over CPUs of one counter.

@@ -2,7 +2,7 @@
 //! as they arrive, so a chain can be named after its processes are gone.
 use std::{collections::HashMap, fs};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Default)]
 struct Process {
@@ -13,7 +13,7 @@ struct Process {
 }
 
 /// One link of a process chain, root first.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainLink {
     pub pid: u32,
     /// The arguments it was exec'd with (argv[0] first); empty if unknown.

@@ -1,13 +1,9 @@
 //! What a run tells its user: a line per event as it happens, a summary on
 //! stderr when the command exits, and the JSON report (`--report`).
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use guard_common::event::Verdict;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{DnsQuery, Transport},
@@ -17,7 +13,7 @@ use crate::{
 
 pub const SCHEMA: &str = "guard.report/1";
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RuleRef {
     pub kind: String,
     pub pattern: String,
@@ -47,10 +43,10 @@ impl std::fmt::Display for RuleRef {
 }
 
 /// One reported query, with attribution.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventRecord {
     pub time: String,
-    pub verdict: &'static str,
+    pub verdict: String,
     pub name: String,
     pub query_type: String,
     pub transport: Transport,
@@ -72,6 +68,7 @@ pub fn verdict_name(verdict: Verdict) -> &'static str {
         Verdict::Audited => "audited",
         Verdict::MalformedBlocked => "malformed-blocked",
         Verdict::MalformedAudited => "malformed-audited",
+        Verdict::Allowed => "allowed",
     }
 }
 
@@ -84,7 +81,7 @@ impl EventRecord {
     ) -> EventRecord {
         EventRecord {
             time: clock.format(query.boot_ns),
-            verdict: verdict_name(query.verdict),
+            verdict: verdict_name(query.verdict).to_owned(),
             name: query.name.clone(),
             query_type: query.qtype_name(),
             transport: query.transport,
@@ -114,7 +111,7 @@ impl EventRecord {
 
     /// The live line printed when the event arrives.
     pub fn line(&self) -> String {
-        let what = match self.verdict {
+        let what = match self.verdict.as_str() {
             "blocked" => "blocked",
             "audited" => "would block",
             "malformed-blocked" => "blocked unreadable DNS query",
@@ -139,7 +136,7 @@ impl EventRecord {
     }
 }
 
-#[derive(Debug, Default, Serialize, Clone, Copy)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone, Copy)]
 pub struct Counters {
     pub inspected: u64,
     pub blocked: u64,
@@ -148,27 +145,30 @@ pub struct Counters {
     pub unbound: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PolicyRef {
     pub name: String,
     pub source: Option<String>,
     pub mode: Mode,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CommandExit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub schema: &'static str,
-    pub guard_version: &'static str,
+    pub schema: String,
+    pub guard_version: String,
     pub command: Vec<String>,
     pub command_exit: CommandExit,
     pub exit_code: i32,
     pub mode: Mode,
+    /// `--fail-on-block`: audit-mode reports also fail the job.
+    #[serde(default)]
+    pub fail_on_block: bool,
     pub policies: Vec<PolicyRef>,
     pub started_at: String,
     pub duration_ms: u64,
@@ -179,59 +179,31 @@ pub struct Report {
 }
 
 impl Report {
-    /// The end-of-run summary for stderr.
-    pub fn summary(&self) -> String {
-        let mut groups: BTreeMap<(&str, &str), Vec<&EventRecord>> = BTreeMap::new();
-        for event in &self.events {
-            groups
-                .entry((event.verdict, &event.name))
-                .or_default()
-                .push(event);
-        }
-        let mut out = String::new();
-        let blocked =
-            self.counters.blocked + self.counters.malformed * u64::from(self.mode == Mode::Enforce);
-        let _ = writeln!(
-            out,
-            "guard: {} DNS queries inspected, {} blocked, {} audited, {} unreadable; {} events lost",
-            self.counters.inspected, self.counters.blocked, self.counters.audited, self.counters.malformed, self.events_lost
-        );
-        let _ = blocked;
-        for ((verdict, name), events) in &groups {
-            let first = events[0];
-            let mut types: Vec<&str> = events.iter().map(|e| e.query_type.as_str()).collect();
-            types.sort_unstable();
-            types.dedup();
-            let label = match *verdict {
-                "blocked" => "BLOCKED",
-                "audited" => "WOULD BLOCK",
-                "malformed-blocked" => "BLOCKED (unreadable)",
-                _ => "UNREADABLE",
-            };
-            let name = if name.is_empty() { "(no name)" } else { name };
-            let _ = writeln!(
-                out,
-                "  {label} {name}  ×{}  [{}]",
-                events.len(),
-                types.join(", ")
-            );
-            if let Some(rule) = &first.rule {
-                let _ = writeln!(out, "      rule: {rule}");
-            }
-            let mut chains: Vec<String> = events.iter().map(|e| e.chain_text()).collect();
-            chains.dedup();
-            chains.sort();
-            chains.dedup();
-            for chain in chains.iter().take(3) {
-                let _ = writeln!(out, "      from: {chain}");
-            }
-            if chains.len() > 3 {
-                let _ = writeln!(out, "      … and {} other process chains", chains.len() - 3);
-            }
-            let _ = writeln!(out, "      first at {}", first.time);
-        }
-        out
+    pub fn load(path: &std::path::Path) -> Result<Report, String> {
+        load_versioned(path, "guard report", SCHEMA, |r: &Report| &r.schema)
     }
+}
+
+/// Reads a JSON document guard wrote (a report, a record), refusing one of
+/// another schema version rather than misreading it.
+pub fn load_versioned<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+    expected: &str,
+    schema: impl Fn(&T) -> &str,
+) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let document: T = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a {what}: {e}", path.display()))?;
+    let found = schema(&document);
+    if found != expected {
+        return Err(format!(
+            "{}: schema {found:?}, this guard reads {expected:?}",
+            path.display()
+        ));
+    }
+    Ok(document)
 }
 
 /// Converts the kernel's boot-time stamps to wall-clock time.

@@ -14,7 +14,7 @@ use std::{
     ffi::OsString,
     fs::File,
     hash::{BuildHasher, Hasher},
-    io::{self, Write as _},
+    io::{self, IsTerminal as _, Write as _},
     os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
     path::PathBuf,
     process::ExitStatus,
@@ -35,10 +35,12 @@ use crate::{
     cgroup::{run_cgroup_name, sweep_stale_runs, Hierarchy, RunCgroup},
     error::{Error, Result},
     events::{decode, DnsQuery, Record, Transport},
+    inventory::Inventory,
     loader::{LoadOptions, Programs},
     policy::{Mode, Policy, RuleSet},
     procs::ProcessTable,
     reaper::{self, Reaper},
+    render,
     report::{Clock, CommandExit, Counters, EventRecord, PolicyRef, Report, SCHEMA},
     sockdiag,
 };
@@ -70,6 +72,12 @@ pub struct RunOptions {
     pub cgroup_parent: Option<PathBuf>,
     pub quiet: bool,
     pub ring_buffer_bytes: u32,
+    /// In audit mode, exit 77 when something would have been blocked.
+    pub fail_on_block: bool,
+    pub junit: Option<PathBuf>,
+    pub summary_markdown: Option<PathBuf>,
+    /// Write every resolved name (`--record`).
+    pub record: Option<PathBuf>,
 }
 
 /// Runs the command under guard and returns guard's exit status.
@@ -194,7 +202,8 @@ impl Enforcement {
                 Binding {
                     policy_id: 0,
                     audit_only: u8::from(options.audit),
-                    _pad: [0; 3],
+                    record: u8::from(options.record.is_some()),
+                    _pad: [0; 2],
                 },
             )?;
             programs.attach_tracepoints()?;
@@ -354,6 +363,11 @@ async fn supervise(
 
     let counters = enforcement.counters();
     let events_lost = enforcement.events_lost();
+    let allowed_counts = if options.record.is_some() {
+        enforcement.programs.seen_counts(0)
+    } else {
+        Default::default()
+    };
     let t = Instant::now();
     drop(enforcement);
     tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
@@ -362,20 +376,27 @@ async fn supervise(
 
     let drops =
         counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
+    let reported = counters.audited + if options.audit { counters.malformed } else { 0 };
     let command_code = exit_code_of(status);
-    let exit_code = if drops > 0 {
+    let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) {
         EXIT_BLOCKED
     } else {
         command_code
     };
+    let command: Vec<String> = options
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let started_at = humantime::format_rfc3339_millis(started_at).to_string();
+    let (recorded, events): (Vec<EventRecord>, Vec<EventRecord>) = state
+        .events
+        .into_iter()
+        .partition(|e| e.verdict == "allowed");
     let report = Report {
-        schema: SCHEMA,
-        guard_version: env!("CARGO_PKG_VERSION"),
-        command: options
-            .command
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect(),
+        schema: SCHEMA.into(),
+        guard_version: env!("CARGO_PKG_VERSION").into(),
+        command: command.clone(),
         command_exit: CommandExit {
             code: status.code(),
             signal: status.signal(),
@@ -386,6 +407,7 @@ async fn supervise(
         } else {
             Mode::Enforce
         },
+        fail_on_block: options.fail_on_block,
         policies: policies
             .iter()
             .map(|p| PolicyRef {
@@ -394,29 +416,74 @@ async fn supervise(
                 mode: if options.audit { Mode::Audit } else { p.mode },
             })
             .collect(),
-        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        started_at: started_at.clone(),
         duration_ms: started.elapsed().as_millis() as u64,
         cgroup: path.display().to_string(),
-        events: state.events,
+        events,
         events_lost,
         counters,
     };
-    if !options.quiet || !report.events.is_empty() || events_lost > 0 {
-        eprint!("{}", report.summary());
-    }
+    let color = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    eprint!("{}", render::text(&report, color));
     if events_lost > 0 {
         eprintln!("guard: warning: {events_lost} events did not fit in the ring buffer and are missing above (counters are exact)");
     }
     if exit_code == EXIT_BLOCKED {
+        let what = if drops > 0 {
+            "blocked"
+        } else {
+            "would have been blocked (--fail-on-block)"
+        };
         eprintln!(
-            "guard: exit {EXIT_BLOCKED}: {drops} DNS lookup(s) blocked (the command itself exited with {command_code})"
+            "guard: exit {EXIT_BLOCKED}: {} DNS lookup(s) {what} (the command itself exited with {command_code})",
+            drops.max(reported)
         );
     }
-    if let Some(path) = &options.report {
-        if let Err(e) = write_report(path, &report) {
-            eprintln!("guard: writing the report {}: {e}", path.display());
-            return EXIT_SETUP_FAILED;
+    let mut failed_outputs = false;
+    let mut write = |path: &std::path::Path, text: &str, append: bool| {
+        if let Err(e) = write_text(path, text, append) {
+            eprintln!("guard: writing {}: {e}", path.display());
+            failed_outputs = true;
         }
+    };
+    if std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true") {
+        for line in render::github_annotations(&report) {
+            println!("{line}");
+        }
+        if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|s| !s.is_empty()) {
+            write(
+                std::path::Path::new(&summary),
+                &render::markdown(&report),
+                true,
+            );
+        }
+    }
+    if let Some(path) = &options.summary_markdown {
+        write(path, &render::markdown(&report), false);
+    }
+    if let Some(path) = &options.junit {
+        write(path, &render::junit(&report), false);
+    }
+    if let Some(path) = &options.report {
+        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        write(path, &(json + "\n"), false);
+    }
+    if let Some(path) = &options.record {
+        let mut all = recorded;
+        all.extend(report.events.iter().cloned());
+        let inventory = Inventory::build(
+            command,
+            started_at,
+            &all,
+            &state.qtype_codes,
+            &allowed_counts,
+        );
+        let json = serde_json::to_string_pretty(&inventory).expect("a record serialises");
+        write(path, &(json + "\n"), false);
+    }
+    if failed_outputs {
+        return EXIT_SETUP_FAILED;
     }
     exit_code
 }
@@ -478,6 +545,8 @@ struct RunState<'a> {
     /// retransmits of one query are counted once.
     seen_segments: HashSet<(u64, u32)>,
     ended_sockets: HashSet<u64>,
+    /// Query type names seen, with their codes (to match the kernel's counts).
+    qtype_codes: std::collections::HashMap<String, u16>,
 }
 
 impl<'a> RunState<'a> {
@@ -490,6 +559,7 @@ impl<'a> RunState<'a> {
             events: Vec::new(),
             seen_segments: HashSet::new(),
             ended_sockets: HashSet::new(),
+            qtype_codes: std::collections::HashMap::new(),
         }
     }
 
@@ -540,7 +610,9 @@ impl<'a> RunState<'a> {
         let mut record =
             EventRecord::new(&query, self.table.chain(query.pid), self.rules, &self.clock);
         record.socket_ended = ended;
-        if !self.quiet {
+        self.qtype_codes
+            .insert(record.query_type.clone(), query.qtype);
+        if !self.quiet && query.verdict != Verdict::Allowed {
             eprintln!("{}", record.line());
         }
         self.events.push(record);
@@ -566,10 +638,16 @@ impl<'a> RunState<'a> {
     }
 }
 
-fn write_report(path: &std::path::Path, report: &Report) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    serde_json::to_writer_pretty(&mut file, report)?;
-    file.write_all(b"\n")
+fn write_text(path: &std::path::Path, text: &str, append: bool) -> io::Result<()> {
+    let mut file = if append {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+    } else {
+        File::create(path)?
+    };
+    file.write_all(text.as_bytes())
 }
 
 /// The shell's convention: 128 + signal number for a command killed by one.

@@ -22,11 +22,11 @@ use guard_common::{
         DnsEvent, EventKind, Verdict, FAMILY_IPV4, FAMILY_IPV6, NAME_CAP, TRANSPORT_TCP,
         TRANSPORT_UDP,
     },
-    maps::{Binding, Counter},
+    maps::{Binding, Counter, SeenKey},
     matching::{fold_case, Action, RuleKey, SuffixWalk},
 };
 
-use crate::maps::{count, find_binding, is_dns_port, EVENTS, NESTING, RULES, SCRATCH};
+use crate::maps::{count, find_binding, is_dns_port, EVENTS, NESTING, RULES, SCRATCH, SEEN};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -289,8 +289,10 @@ extern "C" fn walk_tcp_messages(index: u64, state: *mut c_void) -> i64 {
 
 #[derive(Clone, Copy)]
 enum Outcome {
-    /// No rule, an allow rule, or nothing to decide (no question).
+    /// Nothing to decide (no question, or the root name).
     Pass,
+    /// No deny rule matched (`rule_id` is an allow rule's, or `u32::MAX`).
+    Allowed { rule_id: u32, name_hash: u64 },
     /// A deny rule matched; `action` is Block or Audit.
     Matched { action: Action, rule_id: u32 },
     /// The question could not be read.
@@ -298,10 +300,8 @@ enum Outcome {
 }
 
 /// Reads the question of the message at `message` and decides it. The name
-/// is left in `event.qname`, the type in `event.qtype`. A subprogram rather
-/// than inlined: it is called from three places, and each inlined copy would
-/// be verified and loaded again.
-#[inline(never)]
+/// is left in `event.qname`, the type in `event.qtype`.
+#[inline(always)]
 fn inspect_message(
     ctx: &SkBuffContext,
     message: u32,
@@ -413,7 +413,14 @@ fn inspect_message(
             action,
             rule_id: walk.best.rule_id,
         },
-        Action::Allow | Action::None => Outcome::Pass,
+        Action::Allow => Outcome::Allowed {
+            rule_id: walk.best.rule_id,
+            name_hash: walk.hash,
+        },
+        Action::None => Outcome::Allowed {
+            rule_id: u32::MAX,
+            name_hash: walk.hash,
+        },
     }
 }
 
@@ -492,6 +499,12 @@ fn settle(
 ) -> i32 {
     let (verdict, rule_id) = match outcome {
         Outcome::Pass => return PASS,
+        Outcome::Allowed { rule_id, name_hash } => {
+            if binding.record != 0 && first_sighting(binding, event.qtype, name_hash) {
+                report(ctx, packet, binding, event, Verdict::Allowed, rule_id);
+            }
+            return PASS;
+        }
         Outcome::Matched {
             action: Action::Block,
             rule_id,
@@ -511,6 +524,26 @@ fn settle(
     } else {
         PASS
     }
+}
+
+/// Counts the query in SEEN; true only for the first query of this (name,
+/// type) in this binding, which is the one reported.
+#[inline(always)]
+fn first_sighting(binding: &Binding, qtype: u16, name_hash: u64) -> bool {
+    let key = SeenKey {
+        policy_id: binding.policy_id,
+        qtype,
+        _pad: 0,
+        name_hash,
+    };
+    if let Some(count) = SEEN.get_ptr_mut(key) {
+        // This CPU's slot: a nested run on this CPU completes before we
+        // resume, so a plain increment loses nothing.
+        unsafe { *count += 1 };
+        return false;
+    }
+    // BPF_NOEXIST: of two CPUs seeing the name at once, one reports it.
+    SEEN.insert(key, 1u64, 1).is_ok()
 }
 
 #[inline(always)]

@@ -1,11 +1,11 @@
 //! Maps and globals of the object. Names are in `guard_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use guard_common::{
     event::DnsEvent,
-    maps::{Binding, Counter, COUNTER_SLOTS, MAX_CGROUP_DEPTH, MAX_DNS_PORTS},
+    maps::{Binding, Counter, SeenKey, COUNTER_SLOTS, MAX_CGROUP_DEPTH, MAX_DNS_PORTS},
     matching::{RuleEntry, RuleKey},
 };
 
@@ -22,6 +22,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Names already reported in record mode, with their query counts. Per CPU
+/// so counting needs no atomic (userspace sums the CPUs). LRU: a run that
+/// resolves more distinct names than this reports an evicted name again
+/// (userspace merges); counting never stops.
+#[map]
+pub static SEEN: LruPerCpuHashMap<SeenKey, u64> = LruPerCpuHashMap::with_max_entries(65_536, 0);
 
 /// Working memory of `dns_egress`: the event being built, whose `qname`
 /// doubles as the parse buffer. Two slots per CPU plus a nesting depth,

@@ -5,7 +5,7 @@
 //!   `-Z build-std=core`);
 //! - bpf-linker, built against an LLVM with the same major version as
 //!   nightly's: first nightly's own libLLVM, then Debian's llvm-N-dev;
-//! - dig and the other command-line tools the tests drive.
+//! - dig, xmllint and the other command-line tools the tests drive.
 use std::{
     env, fs,
     path::{Path, PathBuf},

@@ -1,0 +1,513 @@
+//! A run's report as people and CI systems read it: the terminal summary,
+//! markdown (GitHub step summaries, other CIs), JUnit XML, and GitHub Actions
+//! annotations. All are rendered from the JSON report, so `guard report`
+//! renders a saved report exactly as the run did.
+use std::fmt::Write as _;
+
+use quick_xml::escape::escape;
+
+use crate::{
+    policy::Mode,
+    report::{EventRecord, Report, RuleRef},
+};
+
+/// Every event of one (verdict, name), in arrival order.
+#[derive(Debug)]
+pub struct Group<'a> {
+    pub verdict: &'a str,
+    pub name: &'a str,
+    pub events: Vec<&'a EventRecord>,
+}
+
+impl<'a> Group<'a> {
+    pub fn first(&self) -> &'a EventRecord {
+        self.events[0]
+    }
+
+    pub fn rule(&self) -> Option<&'a RuleRef> {
+        self.first().rule.as_ref()
+    }
+
+    pub fn types(&self) -> String {
+        let mut types: Vec<&str> = self.events.iter().map(|e| e.query_type.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
+        types.join(", ")
+    }
+
+    /// Distinct process chains, in the order they were first seen.
+    pub fn chains(&self) -> Vec<String> {
+        let mut chains: Vec<String> = Vec::new();
+        for event in &self.events {
+            let chain = event.chain_text();
+            if !chains.contains(&chain) {
+                chains.push(chain);
+            }
+        }
+        chains
+    }
+
+    pub fn display_name(&self) -> &'a str {
+        if self.name.is_empty() {
+            "(unreadable query)"
+        } else {
+            self.name
+        }
+    }
+
+    /// Refused (as opposed to only reported).
+    pub fn blocked(&self) -> bool {
+        self.verdict == "blocked" || self.verdict == "malformed-blocked"
+    }
+
+    fn label(&self) -> &'static str {
+        match self.verdict {
+            "blocked" => "BLOCKED",
+            "audited" => "WOULD BLOCK",
+            "malformed-blocked" => "BLOCKED (unreadable)",
+            _ => "UNREADABLE",
+        }
+    }
+}
+
+pub fn groups(report: &Report) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for event in report.events.iter().filter(|e| e.verdict != "allowed") {
+        match groups
+            .iter_mut()
+            .find(|g| g.verdict == event.verdict && g.name == event.name)
+        {
+            Some(group) => group.events.push(event),
+            None => groups.push(Group {
+                verdict: &event.verdict,
+                name: &event.name,
+                events: vec![event],
+            }),
+        }
+    }
+    groups
+}
+
+fn command_line(report: &Report) -> String {
+    report.command.join(" ")
+}
+
+fn headline(report: &Report) -> String {
+    let c = &report.counters;
+    format!(
+        "{} DNS queries inspected, {} blocked, {} audited, {} unreadable; {} events lost",
+        c.inspected, c.blocked, c.audited, c.malformed, report.events_lost
+    )
+}
+
+/// The end-of-run summary for a terminal (stderr).
+pub fn text(report: &Report, color: bool) -> String {
+    let paint = |code: &str, text: &str| {
+        if color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "guard: {}", headline(report));
+    for group in groups(report) {
+        let label = paint(if group.blocked() { "1;31" } else { "1;33" }, group.label());
+        let _ = writeln!(
+            out,
+            "  {label} {}  ×{}  [{}]",
+            group.display_name(),
+            group.events.len(),
+            group.types()
+        );
+        if let Some(rule) = group.rule() {
+            let _ = writeln!(out, "      rule: {rule}");
+        }
+        let chains = group.chains();
+        for chain in chains.iter().take(3) {
+            let _ = writeln!(out, "      from: {chain}");
+        }
+        if chains.len() > 3 {
+            let _ = writeln!(out, "      … and {} other process chains", chains.len() - 3);
+        }
+        let _ = writeln!(out, "      first at {}", group.first().time);
+    }
+    out
+}
+
+fn markdown_cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// A markdown summary (GitHub's `$GITHUB_STEP_SUMMARY`, `--summary-markdown`).
+pub fn markdown(report: &Report) -> String {
+    let groups = groups(report);
+    let blocked: usize = groups
+        .iter()
+        .filter(|g| g.blocked())
+        .map(|g| g.events.len())
+        .sum();
+    let audited: usize = groups
+        .iter()
+        .filter(|g| !g.blocked())
+        .map(|g| g.events.len())
+        .sum();
+    let mut out = String::new();
+    let title = match (blocked, audited) {
+        (0, 0) => "guard: no DNS lookup blocked".to_owned(),
+        (0, n) => format!("guard: {n} DNS lookup(s) would be blocked (audit)"),
+        (n, _) => format!("guard: {n} DNS lookup(s) blocked"),
+    };
+    let _ = writeln!(out, "### {title}\n");
+    let _ = writeln!(
+        out,
+        "`{}` — guard exited **{}** (the command: {}), mode {}.\n",
+        markdown_cell(&command_line(report)),
+        report.exit_code,
+        match (report.command_exit.code, report.command_exit.signal) {
+            (Some(code), _) => format!("exit {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            _ => "unknown".into(),
+        },
+        report.mode
+    );
+    if !groups.is_empty() {
+        let _ = writeln!(
+            out,
+            "| verdict | name | types | count | rule | process chain | first |"
+        );
+        let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
+        for group in &groups {
+            let rule = group
+                .rule()
+                .map(|r| format!("`{} {}` ({}, {})", r.kind, r.pattern, r.policy, r.origin));
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {} | {} | {} | {} | {} |",
+                group.label(),
+                markdown_cell(group.display_name()),
+                group.types(),
+                group.events.len(),
+                markdown_cell(&rule.unwrap_or_default()),
+                markdown_cell(&group.chains().join("<br>")),
+                group.first().time
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "{}.", headline(report));
+    out
+}
+
+/// JUnit XML: one suite per policy, one failing case per distinct blocked
+/// name (audited names fail too with `--fail-on-block`), one passing case
+/// when nothing was blocked.
+pub fn junit(report: &Report) -> String {
+    let groups = groups(report);
+    let failing = |g: &Group<'_>| g.blocked() || report.fail_on_block;
+    let mut suites: Vec<(String, Vec<&Group<'_>>)> = Vec::new();
+    for group in &groups {
+        let suite = group
+            .rule()
+            .map(|r| r.policy.clone())
+            .unwrap_or_else(|| "guard".into());
+        match suites.iter_mut().find(|(name, _)| *name == suite) {
+            Some((_, members)) => members.push(group),
+            None => suites.push((suite, vec![group])),
+        }
+    }
+    let total_failures = groups.iter().filter(|g| failing(g)).count();
+    let total_tests = groups.len().max(1);
+    let seconds = report.duration_ms as f64 / 1000.0;
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"guard\" tests=\"{total_tests}\" failures=\"{total_failures}\" errors=\"0\" time=\"{seconds:.3}\">"
+    );
+    if suites.is_empty() {
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"guard\" tests=\"1\" failures=\"0\" errors=\"0\" skipped=\"0\" time=\"{seconds:.3}\" timestamp=\"{}\">",
+            escape(report.started_at.trim_end_matches('Z'))
+        );
+        let _ = writeln!(
+            out,
+            "    <testcase classname=\"guard\" name=\"no DNS lookup blocked\" time=\"{seconds:.3}\"/>"
+        );
+        let _ = writeln!(out, "  </testsuite>");
+    }
+    for (suite, members) in &suites {
+        let failures = members.iter().filter(|g| failing(g)).count();
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" skipped=\"0\" time=\"{seconds:.3}\" timestamp=\"{}\">",
+            escape(suite.as_str()),
+            members.len(),
+            escape(report.started_at.trim_end_matches('Z'))
+        );
+        for group in members {
+            let name = escape(group.display_name()).into_owned();
+            let classname = escape(format!("guard.{suite}")).into_owned();
+            let rule = group
+                .rule()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "unreadable DNS query".into());
+            let message = format!(
+                "DNS lookup of {} {} ×{} ({}) by rule {rule}; first at {}",
+                group.display_name(),
+                if group.blocked() {
+                    "blocked"
+                } else {
+                    "would be blocked"
+                },
+                group.events.len(),
+                group.types(),
+                group.first().time
+            );
+            let mut details = format!("command: {}\n", command_line(report));
+            for chain in group.chains() {
+                let _ = writeln!(details, "process chain: {chain}");
+            }
+            if failing(group) {
+                let _ = writeln!(
+                    out,
+                    "    <testcase classname=\"{classname}\" name=\"{name}\" time=\"0\">"
+                );
+                let _ = writeln!(
+                    out,
+                    "      <failure message=\"{}\" type=\"{}\">{}</failure>",
+                    escape(message.as_str()),
+                    escape(group.verdict),
+                    escape(details.as_str())
+                );
+                let _ = writeln!(out, "    </testcase>");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "    <testcase classname=\"{classname}\" name=\"{name}\" time=\"0\">"
+                );
+                let _ = writeln!(
+                    out,
+                    "      <system-out>{}</system-out>",
+                    escape(format!("{message}\n{details}"))
+                );
+                let _ = writeln!(out, "    </testcase>");
+            }
+        }
+        let _ = writeln!(out, "  </testsuite>");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+/// GitHub Actions workflow commands: an `::error` per distinct blocked name
+/// (a `::warning` per name that would be blocked in audit mode).
+pub fn github_annotations(report: &Report) -> Vec<String> {
+    groups(report)
+        .iter()
+        .map(|group| {
+            let level = if group.blocked() || report.fail_on_block {
+                "error"
+            } else {
+                "warning"
+            };
+            let title = format!(
+                "guard: DNS lookup of {} {}",
+                group.display_name(),
+                if group.blocked() {
+                    "blocked"
+                } else {
+                    "would be blocked"
+                }
+            );
+            let mut message = format!(
+                "{} ×{} ({})",
+                group.display_name(),
+                group.events.len(),
+                group.types()
+            );
+            if let Some(rule) = group.rule() {
+                let _ = write!(message, " by rule {rule}");
+            }
+            for chain in group.chains().iter().take(3) {
+                let _ = write!(message, "\nfrom: {chain}");
+            }
+            let _ = write!(message, "\nfirst at {}", group.first().time);
+            format!(
+                "::{level} title={}::{}",
+                escape_property(&title),
+                escape_data(&message)
+            )
+        })
+        .collect()
+}
+
+/// Workflow-command escaping (from the actions/toolkit command format).
+fn escape_data(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+fn escape_property(text: &str) -> String {
+    escape_data(text).replace(':', "%3A").replace(',', "%2C")
+}
+
+pub fn mode_word(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{CommandExit, Counters};
+
+    fn event(name: &str, verdict: &str, qtype: &str, chain: &[&str]) -> EventRecord {
+        EventRecord {
+            time: "2026-11-22T02:00:00.000Z".into(),
+            verdict: verdict.into(),
+            name: name.into(),
+            query_type: qtype.into(),
+            transport: crate::events::Transport::Udp,
+            resolver: "127.0.0.1:53".into(),
+            source: "127.0.0.1:4000".into(),
+            pid: 7,
+            comm: "curl".into(),
+            process_chain: chain
+                .iter()
+                .enumerate()
+                .map(|(i, a)| crate::procs::ChainLink {
+                    pid: i as u32 + 1,
+                    argv: a.split(' ').map(String::from).collect(),
+                    executable: None,
+                })
+                .collect(),
+            rule: Some(RuleRef {
+                kind: "deny".into(),
+                pattern: "*.frontend.internal".into(),
+                policy: "db <deploy>".into(),
+                origin: "p.yaml:3".into(),
+            }),
+            socket_ended: None,
+        }
+    }
+
+    fn report(events: Vec<EventRecord>) -> Report {
+        Report {
+            schema: crate::report::SCHEMA.into(),
+            guard_version: "0".into(),
+            command: vec!["deploy.sh".into()],
+            command_exit: CommandExit {
+                code: Some(0),
+                signal: None,
+            },
+            exit_code: 77,
+            mode: Mode::Enforce,
+            fail_on_block: false,
+            policies: vec![],
+            started_at: "2026-11-22T02:00:00.000Z".into(),
+            duration_ms: 1500,
+            cgroup: "/x".into(),
+            events,
+            events_lost: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    #[test]
+    fn groups_by_name_and_keeps_distinct_chains() {
+        let r = report(vec![
+            event(
+                "a.frontend.internal",
+                "blocked",
+                "A",
+                &["deploy.sh", "curl a"],
+            ),
+            event(
+                "a.frontend.internal",
+                "blocked",
+                "AAAA",
+                &["deploy.sh", "curl a"],
+            ),
+            event(
+                "b.frontend.internal",
+                "blocked",
+                "A",
+                &["deploy.sh", "wget b"],
+            ),
+            event(
+                "a.frontend.internal",
+                "blocked",
+                "A",
+                &["deploy.sh", "dig a"],
+            ),
+        ]);
+        let g = groups(&r);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].events.len(), 3);
+        assert_eq!(g[0].types(), "A, AAAA");
+        assert_eq!(g[0].chains(), ["deploy.sh → curl a", "deploy.sh → dig a"]);
+    }
+
+    #[test]
+    fn junit_escapes_and_counts() {
+        let r = report(vec![event(
+            "a.frontend.internal",
+            "blocked",
+            "A",
+            &["deploy.sh", "curl <x>&"],
+        )]);
+        let xml = junit(&r);
+        assert!(
+            xml.contains("<testsuite name=\"db &lt;deploy&gt;\" tests=\"1\" failures=\"1\""),
+            "{xml}"
+        );
+        assert!(xml.contains("name=\"a.frontend.internal\""), "{xml}");
+        assert!(xml.contains("curl &lt;x&gt;&amp;"), "{xml}");
+        let empty = junit(&report(vec![]));
+        assert!(
+            empty.contains("failures=\"0\"") && empty.contains("no DNS lookup blocked"),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn github_annotations_escape_newlines_and_separators() {
+        let r = report(vec![event(
+            "a.frontend.internal",
+            "blocked",
+            "A",
+            &["deploy.sh", "curl a"],
+        )]);
+        let lines = github_annotations(&r);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0]
+                .starts_with("::error title=guard%3A DNS lookup of a.frontend.internal blocked::"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains("%0Afrom: deploy.sh → curl a"),
+            "{}",
+            lines[0]
+        );
+        assert!(!lines[0].contains('\n'));
+    }
+
+    #[test]
+    fn markdown_table_escapes_pipes() {
+        let r = report(vec![event(
+            "a.frontend.internal",
+            "blocked",
+            "A",
+            &["sh -c a|b"],
+        )]);
+        let md = markdown(&r);
+        assert!(md.starts_with("### guard: 1 DNS lookup(s) blocked"), "{md}");
+        assert!(md.contains("a\\|b"), "{md}");
+    }
+}

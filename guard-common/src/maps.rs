@@ -39,6 +39,9 @@ pub struct Binding {
     /// Non-zero: also report allowed names, once per (name, type).
     pub record: u8,
     pub _pad: [u8; 2],
+    /// [`crate::matching::label_bit`] of every label count the policy's
+    /// names have: lookups for other suffixes are skipped.
+    pub label_mask: u64,
 }
 
 /// Key of [`SEEN`].

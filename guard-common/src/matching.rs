@@ -151,6 +151,9 @@ impl RuleEntry {
 pub struct SuffixWalk {
     pub hash: u64,
     pub best: RuleSlot,
+    /// Labels in the suffix whose hash [`SuffixWalk::step`] last returned
+    /// (after the walk: labels in the whole name).
+    pub labels: u32,
 }
 
 impl Default for SuffixWalk {
@@ -164,6 +167,7 @@ impl SuffixWalk {
         SuffixWalk {
             hash: HASH_INIT,
             best: RuleSlot::EMPTY,
+            labels: 0,
         }
     }
 
@@ -174,10 +178,17 @@ impl SuffixWalk {
         let suffix = self.hash;
         self.hash = hash_step(self.hash, byte);
         if byte == b'.' {
+            self.labels += 1;
             Some(suffix)
         } else {
             None
         }
+    }
+
+    /// Labels in the whole name, once every byte has been fed.
+    #[inline(always)]
+    pub fn name_labels(&self) -> u32 {
+        self.labels + 1
     }
 
     /// Records a rule found for the current suffix; later (longer) suffixes
@@ -190,10 +201,34 @@ impl SuffixWalk {
     }
 }
 
+/// Bit of a label count in a policy's label mask: the mask has a bit set for
+/// every label count some rule's name has, so the walk can skip lookups that
+/// cannot match (a 6-label name against rules of 2 and 3 labels costs two
+/// lookups, not six). Counts 64 apart share a bit, which can only add
+/// lookups, never skip one. Branch-free on purpose: a comparison on the
+/// count would make the verifier track it exactly and stop merging the
+/// walk's iterations (seen: 88K -> 681K instructions).
+#[inline(always)]
+pub const fn label_bit(labels: u32) -> u64 {
+    1u64 << (labels & 63)
+}
+
+/// A mask that skips no lookup.
+pub const ALL_LABELS: u64 = u64::MAX;
+
 /// Reference implementation of the kernel's decision, used by userspace to
 /// re-check what the kernel reported and by the tests. `name` is the dotted
 /// name without trailing dot, any case.
-pub fn decide(name: &[u8], mut lookup: impl FnMut(u64) -> Option<RuleEntry>) -> RuleSlot {
+pub fn decide(name: &[u8], lookup: impl FnMut(u64) -> Option<RuleEntry>) -> RuleSlot {
+    decide_masked(name, ALL_LABELS, lookup)
+}
+
+/// [`decide`], skipping the lookups `label_mask` rules out, as the kernel does.
+pub fn decide_masked(
+    name: &[u8],
+    label_mask: u64,
+    mut lookup: impl FnMut(u64) -> Option<RuleEntry>,
+) -> RuleSlot {
     let mut walk = SuffixWalk::new();
     if name.is_empty() {
         return walk.best;
@@ -202,13 +237,17 @@ pub fn decide(name: &[u8], mut lookup: impl FnMut(u64) -> Option<RuleEntry>) -> 
     while i > 0 {
         i -= 1;
         if let Some(suffix) = walk.step(fold_case(name[i])) {
-            if let Some(entry) = lookup(suffix) {
-                walk.consider(&entry.wildcard);
+            if label_mask & label_bit(walk.labels) != 0 {
+                if let Some(entry) = lookup(suffix) {
+                    walk.consider(&entry.wildcard);
+                }
             }
         }
     }
-    if let Some(entry) = lookup(walk.hash) {
-        walk.consider(&entry.exact);
+    if label_mask & label_bit(walk.name_labels()) != 0 {
+        if let Some(entry) = lookup(walk.hash) {
+            walk.consider(&entry.exact);
+        }
     }
     walk.best
 }
@@ -294,6 +333,47 @@ mod tests {
     fn empty_name_matches_nothing() {
         let m = table(&[("*.internal", Action::Block)]);
         assert_eq!(verdict(&m, "").0, Action::None);
+    }
+
+    #[test]
+    fn label_mask_skips_lookups_without_changing_any_verdict() {
+        let rules = [
+            ("*.internal", Action::Block),
+            ("*.frontend.internal", Action::Allow),
+            ("api.frontend.internal", Action::Block),
+            ("x.y.z.w.deep.example", Action::Block),
+        ];
+        let m = table(&rules);
+        let mask = rules.iter().fold(0u64, |mask, (p, _)| {
+            let base = p.strip_prefix("*.").unwrap_or(p);
+            mask | label_bit(base.split('.').count() as u32)
+        });
+        let names = [
+            "internal",
+            "db.internal",
+            "frontend.internal",
+            "a.frontend.internal",
+            "api.frontend.internal",
+            "v2.api.frontend.internal",
+            "x.y.z.w.deep.example",
+            "q.x.y.z.w.deep.example",
+            "deep.example",
+            "",
+            "a.b.c.d.e.f.g.h.i.j.internal",
+            "notfrontend.internal",
+        ];
+        for name in names {
+            let mut lookups = 0;
+            let masked = decide_masked(name.as_bytes(), mask, |h| {
+                lookups += 1;
+                m.get(&h).copied()
+            });
+            let full = decide(name.as_bytes(), |h| m.get(&h).copied());
+            assert_eq!(masked, full, "{name}");
+            // At most one lookup per label count the rules have (1, 2, 3, 6),
+            // however many labels the name has.
+            assert!(lookups <= mask.count_ones(), "{name}: {lookups} lookups");
+        }
     }
 
     #[test]

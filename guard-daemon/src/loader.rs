@@ -31,6 +31,9 @@ pub struct LoadOptions<'a> {
     pub dns_ports: &'a [u16],
     pub rule_capacity: u32,
     pub ring_buffer_bytes: u32,
+    /// Distinct (name, type) pairs record mode can count; 0 when no binding
+    /// records (the LRU map is preallocated, so it is only made big on use).
+    pub record_capacity: u32,
 }
 
 /// Loaded, verified programs and their maps. Dropping it detaches and
@@ -59,6 +62,7 @@ impl Programs {
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .map_max_entries(RULES, options.rule_capacity.max(1))
             .map_max_entries(EVENTS, options.ring_buffer_bytes)
+            .map_max_entries(SEEN, options.record_capacity.max(1))
             .load(OBJECT)?;
         tracing::debug!(elapsed = ?t.elapsed(), "object loaded (maps created)");
         let egress: &mut CgroupSkb = program(&mut ebpf, PROGRAM_DNS_EGRESS)?;
@@ -159,6 +163,21 @@ impl Programs {
             .filter(|(key, _)| key.policy_id == policy_id)
             .map(|(key, counts)| ((key.name_hash, key.qtype), counts.iter().sum()))
             .collect()
+    }
+
+    /// Runs and total run time of the DNS egress program, as the kernel
+    /// accounts them while `kernel.bpf_stats_enabled` is 1 (None otherwise).
+    pub fn egress_stats(&self) -> Option<(u64, u64)> {
+        let enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok()?;
+        if enabled.trim() != "1" {
+            return None;
+        }
+        let program = self.ebpf.program(PROGRAM_DNS_EGRESS)?;
+        let info = match program {
+            aya::programs::Program::CgroupSkb(p) => p.info().ok()?,
+            _ => return None,
+        };
+        Some((info.run_count(), info.run_time().as_nanos() as u64))
     }
 
     /// Sum over CPUs of one counter.

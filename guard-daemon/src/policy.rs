@@ -18,7 +18,7 @@ use std::{
 };
 
 use guard_common::{
-    matching::{decide, Action, RuleEntry, RuleSlot},
+    matching::{decide_masked, label_bit, Action, RuleEntry, RuleSlot},
     pattern::{Pattern, PatternKind},
 };
 use serde::{Deserialize, Serialize};
@@ -313,6 +313,7 @@ fn entry_lines(text: &str) -> EntryLines {
 pub struct RuleSet {
     rules: Vec<Rule>,
     entries: HashMap<u64, RuleEntry>,
+    label_mask: u64,
 }
 
 impl RuleSet {
@@ -380,7 +381,14 @@ impl RuleSet {
             }
             *target = slot;
         }
-        Ok(RuleSet { rules, entries })
+        let label_mask = rules.iter().fold(0, |mask, rule| {
+            mask | label_bit(rule.pattern.base().split('.').count() as u32)
+        });
+        Ok(RuleSet {
+            rules,
+            entries,
+            label_mask,
+        })
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -398,9 +406,16 @@ impl RuleSet {
 
     /// What the kernel should decide for `name`: the same walk it makes.
     pub fn decide(&self, name: &str) -> Option<(&Rule, Action)> {
-        let slot = decide(name.as_bytes(), |hash| self.entries.get(&hash).copied());
+        let slot = decide_masked(name.as_bytes(), self.label_mask, |hash| {
+            self.entries.get(&hash).copied()
+        });
         let action = Action::from_u8(slot.action);
         (action != Action::None).then(|| (&self.rules[slot.rule_id as usize], action))
+    }
+
+    /// The label counts the rules' names have (see `label_bit`).
+    pub fn label_mask(&self) -> u64 {
+        self.label_mask
     }
 
     pub fn deny_count(&self) -> usize {

@@ -94,8 +94,9 @@ fn command_line(report: &Report) -> String {
 
 fn headline(report: &Report) -> String {
     let c = &report.counters;
+    let received = report.events.len() as u64 + report.events_omitted;
     format!(
-        "{} DNS queries inspected, {} blocked, {} audited, {} unreadable; {} events lost",
+        "{} DNS queries inspected, {} blocked, {} audited, {} unreadable; events: {received} received, {} lost",
         c.inspected, c.blocked, c.audited, c.malformed, report.events_lost
     )
 }
@@ -413,7 +414,9 @@ mod tests {
             cgroup: "/x".into(),
             events,
             events_lost: 0,
+            events_omitted: 0,
             counters: Counters::default(),
+            program_stats: None,
         }
     }
 

@@ -175,7 +175,22 @@ pub struct Report {
     pub cgroup: String,
     pub events: Vec<EventRecord>,
     pub events_lost: u64,
+    /// Events that reached guard after it had stored its maximum; counted,
+    /// not listed (the counters stay exact).
+    #[serde(default)]
+    pub events_omitted: u64,
     pub counters: Counters,
+    /// The kernel's accounting of the DNS egress program (every packet the
+    /// cgroup sent), present when `kernel.bpf_stats_enabled` was 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program_stats: Option<ProgramStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, Copy)]
+pub struct ProgramStats {
+    pub runs: u64,
+    pub run_time_ns: u64,
+    pub average_ns: f64,
 }
 
 impl Report {

@@ -41,7 +41,7 @@ use crate::{
     procs::ProcessTable,
     reaper::{self, Reaper},
     render,
-    report::{Clock, CommandExit, Counters, EventRecord, PolicyRef, Report, SCHEMA},
+    report::{Clock, CommandExit, Counters, EventRecord, PolicyRef, ProgramStats, Report, SCHEMA},
     sockdiag,
 };
 
@@ -54,6 +54,14 @@ pub const EXIT_SETUP_FAILED: i32 = 125;
 pub const EXIT_CANNOT_RUN: i32 = 126;
 /// The command was not found.
 pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Event records kept in memory for the report; beyond this only the
+/// kernel's counters (exact) and `events_omitted` grow, so a command looping
+/// on a blocked name cannot make guard's memory grow without bound.
+const MAX_STORED_EVENTS: usize = 100_000;
+
+/// Distinct (name, query type) pairs `--record` counts in the kernel.
+const RECORD_CAPACITY: u32 = 65_536;
 
 /// errno the child reports when it cannot enter the cgroup. Chosen because
 /// exec never returns it, so it cannot be mistaken for "cannot run".
@@ -194,6 +202,11 @@ impl Enforcement {
                 dns_ports: &options.dns_ports,
                 rule_capacity: rules.entries().len() as u32,
                 ring_buffer_bytes: options.ring_buffer_bytes,
+                record_capacity: if options.record.is_some() {
+                    RECORD_CAPACITY
+                } else {
+                    0
+                },
             })?;
             tracing::debug!(elapsed = ?t.elapsed(), "programs loaded");
             programs.install_rules(0, rules)?;
@@ -204,6 +217,7 @@ impl Enforcement {
                     audit_only: u8::from(options.audit),
                     record: u8::from(options.record.is_some()),
                     _pad: [0; 2],
+                    label_mask: rules.label_mask(),
                 },
             )?;
             programs.attach_tracepoints()?;
@@ -363,6 +377,18 @@ async fn supervise(
 
     let counters = enforcement.counters();
     let events_lost = enforcement.events_lost();
+    let program_stats = enforcement
+        .programs
+        .egress_stats()
+        .map(|(runs, ns)| ProgramStats {
+            runs,
+            run_time_ns: ns,
+            average_ns: if runs == 0 {
+                0.0
+            } else {
+                ns as f64 / runs as f64
+            },
+        });
     let allowed_counts = if options.record.is_some() {
         enforcement.programs.seen_counts(0)
     } else {
@@ -421,7 +447,9 @@ async fn supervise(
         cgroup: path.display().to_string(),
         events,
         events_lost,
+        events_omitted: state.omitted,
         counters,
+        program_stats,
     };
     let color = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -547,6 +575,8 @@ struct RunState<'a> {
     ended_sockets: HashSet<u64>,
     /// Query type names seen, with their codes (to match the kernel's counts).
     qtype_codes: std::collections::HashMap<String, u16>,
+    /// Events past `MAX_STORED_EVENTS`, counted only.
+    omitted: u64,
 }
 
 impl<'a> RunState<'a> {
@@ -560,6 +590,7 @@ impl<'a> RunState<'a> {
             seen_segments: HashSet::new(),
             ended_sockets: HashSet::new(),
             qtype_codes: std::collections::HashMap::new(),
+            omitted: 0,
         }
     }
 
@@ -604,6 +635,10 @@ impl<'a> RunState<'a> {
                 .seen_segments
                 .insert((query.socket_cookie, query.tcp_seq))
         {
+            return;
+        }
+        if self.events.len() >= MAX_STORED_EVENTS {
+            self.omitted += 1;
             return;
         }
         self.check_against_userspace(&query);

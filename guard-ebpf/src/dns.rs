@@ -23,7 +23,7 @@ use guard_common::{
         TRANSPORT_UDP,
     },
     maps::{Binding, Counter, SeenKey},
-    matching::{fold_case, Action, RuleKey, SuffixWalk},
+    matching::{fold_case, label_bit, Action, RuleKey, SuffixWalk},
 };
 
 use crate::maps::{count, find_binding, is_dns_port, EVENTS, NESTING, RULES, SCRATCH, SEEN};
@@ -390,6 +390,7 @@ fn inspect_message(
         name: buffer,
         last: wire_len - 2,
         policy_id: binding.policy_id,
+        label_mask: binding.label_mask,
         walk: SuffixWalk::new(),
     };
     unsafe {
@@ -401,8 +402,10 @@ fn inspect_message(
         )
     };
     let mut walk = backward.walk;
-    if let Some(entry) = unsafe { RULES.get(RuleKey::new(binding.policy_id, walk.hash)) } {
-        walk.consider(&entry.exact);
+    if binding.label_mask & label_bit(walk.name_labels()) != 0 {
+        if let Some(entry) = unsafe { RULES.get(RuleKey::new(binding.policy_id, walk.hash)) } {
+            walk.consider(&entry.exact);
+        }
     }
     match Action::from_u8(walk.best.action) {
         Action::Block if binding.audit_only != 0 => Outcome::Matched {
@@ -469,6 +472,8 @@ struct BackwardWalk {
     /// Index of the last name byte (the name is `name[1..=last]`).
     last: u32,
     policy_id: u32,
+    /// Label counts the policy has rules for; other suffixes are skipped.
+    label_mask: u64,
     walk: SuffixWalk,
 }
 
@@ -481,8 +486,10 @@ extern "C" fn walk_backward(index: u64, state: *mut c_void) -> i64 {
     let i = (state.last - k) & 0xff;
     let value = unsafe { *state.name.add(i as usize) };
     if let Some(suffix) = state.walk.step(value) {
-        if let Some(entry) = unsafe { RULES.get(RuleKey::new(state.policy_id, suffix)) } {
-            state.walk.consider(&entry.wildcard);
+        if state.label_mask & label_bit(state.walk.labels) != 0 {
+            if let Some(entry) = unsafe { RULES.get(RuleKey::new(state.policy_id, suffix)) } {
+                state.walk.consider(&entry.wildcard);
+            }
         }
     }
     0

@@ -27,8 +27,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 /// so counting needs no atomic (userspace sums the CPUs). LRU: a run that
 /// resolves more distinct names than this reports an evicted name again
 /// (userspace merges); counting never stops.
+///
+/// Resized by userspace when a binding records.
 #[map]
-pub static SEEN: LruPerCpuHashMap<SeenKey, u64> = LruPerCpuHashMap::with_max_entries(65_536, 0);
+pub static SEEN: LruPerCpuHashMap<SeenKey, u64> = LruPerCpuHashMap::with_max_entries(1, 0);
 
 /// Working memory of `dns_egress`: the event being built, whose `qname`
 /// doubles as the parse buffer. Two slots per CPU plus a nesting depth,

@@ -36,21 +36,31 @@ pub struct SeenQuery {
 pub struct DnsServer {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<SeenQuery>>>,
+    /// `None` for a server that records nothing (benchmarks).
+    seen: Option<Arc<Mutex<Vec<SeenQuery>>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl DnsServer {
     /// Serves UDP and TCP on `address` (port 0 picks a free port, the same
-    /// for both).
+    /// for both), recording every query.
     pub fn start(address: SocketAddr) -> io::Result<DnsServer> {
+        DnsServer::spawn(address, true)
+    }
+
+    /// As [`DnsServer::start`], recording nothing: for load tests.
+    pub fn start_quiet(address: SocketAddr) -> io::Result<DnsServer> {
+        DnsServer::spawn(address, false)
+    }
+
+    fn spawn(address: SocketAddr, record: bool) -> io::Result<DnsServer> {
         let udp = UdpSocket::bind(address)?;
         let address = udp.local_addr()?;
         let tcp = TcpListener::bind(address)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
         tcp.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = record.then(|| Arc::new(Mutex::new(Vec::new())));
         let mut threads = Vec::new();
         {
             let (stop, seen) = (stop.clone(), seen.clone());
@@ -73,7 +83,10 @@ impl DnsServer {
     }
 
     pub fn seen(&self) -> Vec<SeenQuery> {
-        self.seen.lock().expect("lock").clone()
+        self.seen
+            .as_ref()
+            .map(|s| s.lock().expect("lock").clone())
+            .unwrap_or_default()
     }
 
     /// Did a query for `name` (any type, any transport) arrive?
@@ -92,7 +105,9 @@ impl Drop for DnsServer {
     }
 }
 
-fn serve_udp(socket: UdpSocket, stop: &AtomicBool, seen: &Mutex<Vec<SeenQuery>>) {
+type Log = Option<Arc<Mutex<Vec<SeenQuery>>>>;
+
+fn serve_udp(socket: UdpSocket, stop: &AtomicBool, seen: &Log) {
     let mut buffer = [0u8; 4096];
     while !stop.load(Ordering::SeqCst) {
         let Ok((len, peer)) = socket.recv_from(&mut buffer) else {
@@ -104,7 +119,7 @@ fn serve_udp(socket: UdpSocket, stop: &AtomicBool, seen: &Mutex<Vec<SeenQuery>>)
     }
 }
 
-fn serve_tcp(listener: TcpListener, stop: &AtomicBool, seen: &Mutex<Vec<SeenQuery>>) {
+fn serve_tcp(listener: TcpListener, stop: &AtomicBool, seen: &Log) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -118,7 +133,7 @@ fn serve_tcp(listener: TcpListener, stop: &AtomicBool, seen: &Mutex<Vec<SeenQuer
     }
 }
 
-fn serve_connection(mut stream: TcpStream, seen: &Mutex<Vec<SeenQuery>>) -> io::Result<()> {
+fn serve_connection(mut stream: TcpStream, seen: &Log) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     loop {
@@ -136,7 +151,7 @@ fn serve_connection(mut stream: TcpStream, seen: &Mutex<Vec<SeenQuery>>) -> io::
     }
 }
 
-fn answer(query: &[u8], tcp: bool, seen: &Mutex<Vec<SeenQuery>>) -> Option<Vec<u8>> {
+fn answer(query: &[u8], tcp: bool, seen: &Log) -> Option<Vec<u8>> {
     let query = Message::from_bytes(query).ok()?;
     let mut reply = Message::new();
     reply
@@ -148,16 +163,18 @@ fn answer(query: &[u8], tcp: bool, seen: &Mutex<Vec<SeenQuery>>) -> Option<Vec<u
         .set_authoritative(true)
         .set_response_code(ResponseCode::NoError);
     for question in query.queries() {
-        let name = question
-            .name()
-            .to_ascii()
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        seen.lock().expect("lock").push(SeenQuery {
-            name,
-            qtype: question.query_type(),
-            tcp,
-        });
+        if let Some(seen) = seen {
+            let name = question
+                .name()
+                .to_ascii()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            seen.lock().expect("lock").push(SeenQuery {
+                name,
+                qtype: question.query_type(),
+                tcp,
+            });
+        }
         reply.add_query(question.clone());
         let data = match question.query_type() {
             RecordType::A => Some(RData::A(rdata::A(ANSWER_V4))),

@@ -5,21 +5,16 @@
 //! `guard run` with the shipped frontend policy. The deploy's own lookup
 //! resolves; its drain tool's lookup of the frontend is refused and reported
 //! with the process chain; guard exits 77.
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{require_root, run, setup};
+use crate::{require_root, setup};
 
 pub fn demo() -> Result<()> {
     require_root("demo")?;
     setup::setup()?;
-    run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
-    let bin = root.join("target/release");
+    let (root, bin) = crate::release_binaries()?;
     let temp = std::env::temp_dir().join(format!("guard-demo-{}", std::process::id()));
     std::fs::create_dir_all(&temp)?;
     let script = format!(

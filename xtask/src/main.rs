@@ -3,6 +3,7 @@
 //! `test` and `demo` install what they need first (`setup`), so on a fresh
 //! machine each is the one command to type. Both need root: they load eBPF
 //! programs and create cgroups.
+mod bench;
 mod demo;
 mod setup;
 
@@ -16,13 +17,15 @@ fn main() {
         "setup" => setup::setup(),
         "test" => test(),
         "demo" => demo::demo(),
+        "bench" => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  setup   install the nightly rust-src, bpf-linker and the test tools if missing\n  \
                  test    setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
-                 demo    setup, then a sample deploy script under guard against a loopback DNS server (root)"
+                 demo    setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
+                 bench   what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)"
             );
             std::process::exit(2);
         }
@@ -65,7 +68,10 @@ fn test() -> Result<()> {
         ))?;
     // Integration tests drive the test client binary built beside guard.
     run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
-    cargo_test()
+    cargo_test()?;
+    // The benchmark must keep working; on tiny sizes it checks that every row
+    // runs and that received + lost events add up, never how fast anything is.
+    bench::bench(&["--smoke".to_string()])
 }
 
 /// Runs the tests, echoing their output, and closes with one total line:
@@ -103,6 +109,17 @@ fn cargo_test() -> Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// Builds every binary in release mode; returns (workspace root, binary dir).
+pub fn release_binaries() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned();
+    let bin = root.join("target/release");
+    Ok((root, bin))
 }
 
 pub fn require_root(task: &str) -> Result<()> {

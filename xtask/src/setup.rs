@@ -166,6 +166,22 @@ fn test_tools() -> Result<()> {
     apt_install(&needed)
 }
 
+/// What `cargo xtask bench` needs beyond the tests: iptables (for the
+/// netfilter comparison row) and GNU time (peak memory).
+pub fn bench_tools() -> Result<()> {
+    let needed: Vec<&str> = [("iptables", "iptables"), ("/usr/bin/time", "time")]
+        .into_iter()
+        .filter(|(tool, _)| {
+            !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+        })
+        .map(|(_, package)| package)
+        .collect();
+    if needed.is_empty() {
+        return Ok(());
+    }
+    apt_install(&needed)
+}
+
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     println!("setup: apt-get install {}", packages.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;

@@ -101,9 +101,9 @@ pub struct DnsEvent {
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
-    /// The question name, lower-cased, in wire order with every length byte
-    /// replaced by `.`: `.api.frontend.internal`. Byte 0 is always the dot
-    /// that stood for the first length byte.
+    /// The question name as sent (letter case untouched), in wire order with
+    /// every length byte replaced by `.`: `.api.Frontend.internal`. Byte 0 is
+    /// always the dot that stood for the first length byte.
     pub qname: [u8; NAME_CAP],
 }
 

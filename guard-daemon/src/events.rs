@@ -124,8 +124,10 @@ fn decode_dns(e: &DnsEvent) -> Option<DnsQuery> {
     let verdict = Verdict::from_u8(e.verdict)?;
     let len = (e.qname_len as usize).min(e.qname.len());
     // Byte 0 is the dot that replaced the first length byte.
+    // DNS names are case-insensitive and the kernel leaves case as sent
+    // (resolvers randomise it): report lower case.
     let name = if len > 1 {
-        escape_name(&e.qname[1..len])
+        escape_name(&e.qname[1..len].to_ascii_lowercase())
     } else {
         String::new()
     };
@@ -193,7 +195,7 @@ mod tests {
     #[test]
     fn decodes_a_dns_record() {
         let mut qname = [0u8; NAME_CAP];
-        qname[..19].copy_from_slice(b".frontend.internal\0");
+        qname[..19].copy_from_slice(b".FrontEnd.internal\0");
         let event = DnsEvent {
             kind: EventKind::Dns as u8,
             verdict: Verdict::Blocked as u8,

@@ -353,12 +353,12 @@ fn inspect_message(
     let mut forward = ForwardWalk {
         name: buffer,
         loaded: to_load,
-        next_length_at: 0,
+        at: 0,
         wire_len: 0,
     };
     unsafe {
         bpf_loop(
-            NAME_CAP as u32,
+            MAX_LABELS,
             walk_forward as *mut c_void,
             &mut forward as *mut ForwardWalk as *mut c_void,
             0,
@@ -427,40 +427,42 @@ fn inspect_message(
     }
 }
 
-/// State of the first pass: validates the wire-format name in place, turning
-/// every length byte into `.` and every letter into lower case.
+/// State of the first pass: hops from length byte to length byte, checking
+/// each and turning it into `.`. Letters are left as they are: the second
+/// pass folds case as it hashes, and userspace lower-cases reported names.
+/// One iteration per label, not per byte.
 #[repr(C)]
 struct ForwardWalk {
     name: *mut u8,
     loaded: u32,
-    next_length_at: u32,
+    /// Offset of the next length byte.
+    at: u32,
     /// Set when the root label is reached; 0 = not (yet) a valid name.
     wire_len: u32,
 }
 
-extern "C" fn walk_forward(index: u64, state: *mut c_void) -> i64 {
+/// Labels in a name of at most 255 bytes, root label included.
+const MAX_LABELS: u32 = 128;
+
+extern "C" fn walk_forward(_index: u64, state: *mut c_void) -> i64 {
     let state = unsafe { &mut *(state as *mut ForwardWalk) };
-    let i = (index as u32) & 0xff;
-    if i >= state.loaded {
+    let at = state.at;
+    if at >= state.loaded || at >= NAME_CAP as u32 {
         return 1; // truncated: wire_len stays 0
     }
-    let byte = unsafe { state.name.add(i as usize) };
-    let value = unsafe { *byte };
-    if i == state.next_length_at {
-        if value == 0 {
-            state.wire_len = i + 1;
-            return 1;
-        }
-        if value > 63 {
-            // A compression pointer (0xC0) or a reserved label type: a
-            // query never needs either in its question.
-            return 1;
-        }
-        unsafe { *byte = b'.' };
-        state.next_length_at = i + 1 + value as u32;
-    } else {
-        unsafe { *byte = fold_case(value) };
+    let byte = unsafe { state.name.add((at & 0xff) as usize) };
+    let length = unsafe { *byte };
+    if length == 0 {
+        state.wire_len = at + 1;
+        return 1;
     }
+    if length > 63 {
+        // A compression pointer (0xC0) or a reserved label type: a query
+        // never needs either in its question.
+        return 1;
+    }
+    unsafe { *byte = b'.' };
+    state.at = at + 1 + length as u32;
     0
 }
 
@@ -484,7 +486,7 @@ extern "C" fn walk_backward(index: u64, state: *mut c_void) -> i64 {
         return 1;
     }
     let i = (state.last - k) & 0xff;
-    let value = unsafe { *state.name.add(i as usize) };
+    let value = fold_case(unsafe { *state.name.add(i as usize) });
     if let Some(suffix) = state.walk.step(value) {
         if state.label_mask & label_bit(state.walk.labels) != 0 {
             if let Some(entry) = unsafe { RULES.get(RuleKey::new(state.policy_id, suffix)) } {

@@ -751,3 +751,50 @@ fn setup_failure_refuses_to_run_unless_fail_open() {
     assert!(run.stderr.contains("WITHOUT any DNS guard"), "{run:?}");
     assert!(marker.exists());
 }
+
+/// A raw IPv6 socket sends the query behind N extension headers. guard
+/// follows four; beyond that it cannot see whether the packet is DNS and
+/// refuses it (fail closed) rather than let it pass unexamined.
+#[test]
+fn ipv6_extension_headers_cannot_hide_a_query() {
+    let sandbox = Sandbox::new();
+    let sender = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/ipv6_extension_headers.py"
+    );
+    let send = |headers: &str, name: &str| {
+        sandbox.run(&[
+            "run",
+            "-q",
+            "--deny",
+            "frontend.internal",
+            "--",
+            "python3",
+            sender,
+            headers,
+            name,
+        ])
+    };
+    for headers in ["0", "1", "4"] {
+        let denied = send(headers, "frontend.internal");
+        assert_eq!(denied.code, 77, "{headers}: {denied:?}");
+        assert!(denied.stdout.contains("refused 1"), "{headers}: {denied:?}");
+        let allowed = send(headers, "db.internal");
+        assert_eq!(allowed.code, 0, "{headers}: {allowed:?}");
+        assert!(allowed.stdout.contains("sent"), "{headers}: {allowed:?}");
+    }
+    for headers in ["5", "8"] {
+        for name in ["frontend.internal", "db.internal"] {
+            let run = send(headers, name);
+            assert_eq!(run.code, 77, "{headers} {name}: {run:?}");
+            assert!(
+                run.stdout.contains("refused 1"),
+                "{headers} {name}: {run:?}"
+            );
+            assert!(
+                run.stderr.contains("BLOCKED (unreadable)"),
+                "{headers} {name}: {run:?}"
+            );
+        }
+    }
+}

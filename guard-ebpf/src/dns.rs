@@ -35,6 +35,8 @@ const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86DDu16.to_be() as u32;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+/// Marks a packet whose transport header could not be reached.
+const OPAQUE: u8 = 0xff;
 const DNS_HEADER_LEN: u32 = 12;
 /// The longest name in wire format, length bytes and root label included.
 const MAX_WIRE_NAME: u32 = 255;
@@ -111,6 +113,15 @@ fn classify(ctx: &SkBuffContext) -> Option<Packet> {
         return None;
     };
     if transport != IPPROTO_UDP && transport != IPPROTO_TCP {
+        if family == FAMILY_IPV6 && is_ipv6_extension(transport) {
+            // More extension headers than we follow: the transport header,
+            // and so whether this is DNS, cannot be seen. Fail closed.
+            return Some(Packet {
+                family,
+                transport: OPAQUE,
+                l4_offset,
+            });
+        }
         return None;
     }
     let dst_port: u16 = read(ctx, l4_offset + 2)?;
@@ -122,6 +133,11 @@ fn classify(ctx: &SkBuffContext) -> Option<Packet> {
         transport,
         l4_offset,
     })
+}
+
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 60)
 }
 
 /// Follows hop-by-hop, routing, destination-options and fragment headers, so
@@ -192,6 +208,11 @@ fn inspect_payload(
     event: &mut DnsEvent,
 ) -> i32 {
     let packet_len = ctx.len();
+    if packet.transport == OPAQUE {
+        event.qname_len = 0;
+        event.qtype = 0;
+        return settle(ctx, packet, binding, event, Outcome::Malformed);
+    }
     if packet.transport == IPPROTO_UDP {
         let message = packet.l4_offset + 8;
         let outcome = inspect_message(ctx, message, packet_len, binding, event);

@@ -90,6 +90,10 @@ pub struct RunOptions {
 
 /// Runs the command under guard and returns guard's exit status.
 pub fn run(options: RunOptions) -> i32 {
+    if options.command.is_empty() {
+        eprintln!("guard: no command to run");
+        return EXIT_SETUP_FAILED;
+    }
     let policies = match load_policies(&options) {
         Ok(policies) => policies,
         Err(e) => {
@@ -310,7 +314,7 @@ async fn supervise(
     let (program, args) = options
         .command
         .split_first()
-        .expect("clap requires a command");
+        .expect("run() checked the command is not empty");
     let mut command = tokio::process::Command::new(program);
     command.args(args);
     let procs_fd = procs.as_raw_fd();

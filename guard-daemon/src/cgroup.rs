@@ -40,16 +40,7 @@ impl Hierarchy {
         }
         let mount = Path::new(PRIVATE_MOUNT_DIR).join(format!("cgroup2-{run_id}"));
         fs::create_dir_all(&mount).map_err(Error::io(format!("creating {}", mount.display())))?;
-        nix::mount::mount(
-            Some("cgroup2"),
-            &mount,
-            Some("cgroup2"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(|e| {
+        mount_kernel_fs("cgroup2", &mount).map_err(|e| {
             Error::NoCgroup2(format!(
                 "none mounted, and mounting one on {} failed: {e}",
                 mount.display()
@@ -84,6 +75,19 @@ impl Drop for Hierarchy {
             let _ = fs::remove_dir(&self.mount);
         }
     }
+}
+
+/// Mounts a kernel pseudo-filesystem (cgroup2, tracefs) with the usual
+/// nosuid, nodev, noexec.
+pub fn mount_kernel_fs(fstype: &str, target: &Path) -> nix::Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
 }
 
 /// Parses mountinfo lines: `... mount-point ... - fstype source options`.

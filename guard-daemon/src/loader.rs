@@ -251,16 +251,7 @@ fn ensure_tracefs() -> Result<()> {
     if populated(TRACEFS) || populated("/sys/kernel/debug/tracing") {
         return Ok(());
     }
-    nix::mount::mount(
-        Some("tracefs"),
-        TRACEFS,
-        Some("tracefs"),
-        nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| {
+    crate::cgroup::mount_kernel_fs("tracefs", Path::new(TRACEFS)).map_err(|e| {
         Error::Tracefs(format!(
             "not mounted, and mounting it on {TRACEFS} failed: {e}"
         ))

@@ -466,6 +466,17 @@ impl Bench {
         fs::write(switch, "1").context("enabling kernel.bpf_stats_enabled")?;
         let result = (|| -> Result<_> {
             let report = self.dir.join("stats-report.json");
+            let guarded_with_report = |command: &[String]| {
+                self.output(
+                    self.guard()
+                        .args(["run", "-q", "-p"])
+                        .arg(policy)
+                        .arg("--report")
+                        .arg(&report)
+                        .arg("--")
+                        .args(command),
+                )
+            };
             let stats = |path: &Path| -> Result<(u64, f64)> {
                 let value: serde_json::Value = serde_json::from_str(&fs::read_to_string(path)?)?;
                 let stats = &value["program_stats"];
@@ -476,26 +487,10 @@ impl Bench {
                     stats["average_ns"].as_f64().unwrap_or(0.0),
                 ))
             };
-            self.output(
-                self.guard()
-                    .args(["run", "-q", "-p"])
-                    .arg(policy)
-                    .arg("--report")
-                    .arg(&report)
-                    .arg("--")
-                    .args(self.load_args()),
-            )?;
+            guarded_with_report(&self.load_args())?;
             let dns = stats(&report)?;
             let mut sink = self.tcp_sink()?;
-            let sent = self.output(
-                self.guard()
-                    .args(["run", "-q", "-p"])
-                    .arg(policy)
-                    .arg("--report")
-                    .arg(&report)
-                    .arg("--")
-                    .args(self.tcp_send_args()),
-            );
+            let sent = guarded_with_report(&self.tcp_send_args());
             let _ = sink.kill();
             let _ = sink.wait();
             sent?;

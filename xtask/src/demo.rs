@@ -25,6 +25,9 @@ ip link set lo up
 printf 'nameserver 127.0.0.1\noptions attempts:1 timeout:2\n' > {temp}/resolv.conf
 mount --bind {temp}/resolv.conf /etc/resolv.conf
 {bin}/guard-dns-stub 127.0.0.1:53 300 2> {temp}/dns.log &
+stub=$!
+# The server is the demo's own: stop it however the demo ends.
+trap 'kill $stub 2>/dev/null; wait $stub 2>/dev/null || true' EXIT
 for i in $(seq 50); do grep -q serving {temp}/dns.log && break; sleep 0.1; done
 echo
 echo "\$ guard run --policy policies/frontend-during-db-deploy.yaml --report {temp}/report.json -- examples/deploy-db.sh"

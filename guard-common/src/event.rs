@@ -122,6 +122,8 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// Non-zero when argv had more than [`MAX_ARGS`] entries or did not fit.
     pub args_truncated: u32,
+    /// Policy of the binding that guards the process (routes the record).
+    pub policy_id: u32,
     pub path: [u8; PATH_CAP],
     /// NUL-separated arguments. Sized to let the kernel write a whole
     /// argument at any offset below [`ARGS_CAP`] without a bounds failure.
@@ -138,6 +140,7 @@ pub struct ExecResultEvent {
     pub tid: u32,
     /// 0 on success, `-errno` otherwise.
     pub ret: i32,
+    pub policy_id: u32,
 }
 
 /// A process or thread created by a process in a guarded cgroup.
@@ -150,13 +153,13 @@ pub struct ForkEvent {
     pub parent_pid: u32,
     /// Task id of the new task (its process id unless it is a thread).
     pub child_pid: u32,
-    pub _pad2: u32,
+    pub policy_id: u32,
     pub comm: [u8; COMM_LEN],
 }
 
 // Layouts are part of the kernel/userspace contract; a change must be
 // deliberate.
 const _: () = assert!(core::mem::size_of::<DnsEvent>() == 104 + NAME_CAP);
-const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + PATH_CAP + ARGS_CAP + PATH_CAP);
-const _: () = assert!(core::mem::size_of::<ExecResultEvent>() == 16);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 28 + PATH_CAP + ARGS_CAP + PATH_CAP);
+const _: () = assert!(core::mem::size_of::<ExecResultEvent>() == 20);
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 32);

@@ -9,6 +9,8 @@ pub const RULES: &str = "RULES";
 pub const EVENTS: &str = "EVENTS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const COUNTERS: &str = "COUNTERS";
+/// Per-CPU hash policy id -> [`PolicyCounters`].
+pub const POLICY_COUNTERS: &str = "POLICY_COUNTERS";
 /// LRU map [`SeenKey`] -> `u64` query count, for bindings in record mode:
 /// each distinct (name, type) is reported once, later queries only counted.
 pub const SEEN: &str = "SEEN";
@@ -71,3 +73,10 @@ pub enum Counter {
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
+
+/// Value of [`POLICY_COUNTERS`]: the [`Counter`]s of one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    pub values: [u64; COUNTER_SLOTS as usize],
+}

@@ -1,7 +1,7 @@
 //! aya `Pod` impls: these types are plain old data (repr(C), no padding the
 //! kernel could leave uninitialised that we rely on).
 use crate::{
-    maps::{Binding, SeenKey},
+    maps::{Binding, PolicyCounters, SeenKey},
     matching::{RuleEntry, RuleKey},
 };
 
@@ -13,3 +13,5 @@ unsafe impl aya::Pod for RuleEntry {}
 unsafe impl aya::Pod for Binding {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SeenKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyCounters {}

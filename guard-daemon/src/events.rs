@@ -84,6 +84,20 @@ fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
+/// The policy id a raw record belongs to, without decoding the rest: how
+/// the daemon routes records to the run or binding that caused them.
+pub fn policy_of(bytes: &[u8]) -> Option<u32> {
+    match *bytes.first()? {
+        k if k == EventKind::Dns as u8 => read_record::<DnsEvent>(bytes).map(|e| e.policy_id),
+        k if k == EventKind::Exec as u8 => read_record::<ExecEvent>(bytes).map(|e| e.policy_id),
+        k if k == EventKind::ExecResult as u8 => {
+            read_record::<ExecResultEvent>(bytes).map(|e| e.policy_id)
+        }
+        k if k == EventKind::Fork as u8 => read_record::<ForkEvent>(bytes).map(|e| e.policy_id),
+        _ => None,
+    }
+}
+
 pub fn decode(bytes: &[u8]) -> Option<Record> {
     match *bytes.first()? {
         k if k == EventKind::Dns as u8 => read_record::<DnsEvent>(bytes)

@@ -26,7 +26,9 @@ use guard_common::{
     matching::{fold_case, label_bit, Action, RuleKey, SuffixWalk},
 };
 
-use crate::maps::{count, find_binding, is_dns_port, EVENTS, NESTING, RULES, SCRATCH, SEEN};
+use crate::maps::{
+    count, count_for, find_binding, is_dns_port, EVENTS, NESTING, RULES, SCRATCH, SEEN,
+};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -401,7 +403,7 @@ fn inspect_message(
         return Outcome::Malformed;
     };
     event.qtype = u16::from_be(qtype);
-    count(Counter::Inspected);
+    count_for(binding, Counter::Inspected);
     if wire_len == 1 {
         // The root name: nothing a rule can name.
         return Outcome::Pass;
@@ -543,11 +545,14 @@ fn settle(
         Outcome::Malformed if binding.audit_only != 0 => (Verdict::MalformedAudited, u32::MAX),
         Outcome::Malformed => (Verdict::MalformedBlocked, u32::MAX),
     };
-    count(match verdict {
-        Verdict::Blocked => Counter::Blocked,
-        Verdict::Audited => Counter::Audited,
-        _ => Counter::Malformed,
-    });
+    count_for(
+        binding,
+        match verdict {
+            Verdict::Blocked => Counter::Blocked,
+            Verdict::Audited => Counter::Audited,
+            _ => Counter::Malformed,
+        },
+    );
     report(ctx, packet, binding, event, verdict, rule_id);
     if verdict.dropped() {
         DROP
@@ -622,6 +627,6 @@ fn report(
         event.dst_addr = load(ctx, 24).unwrap_or([0; 16]);
     }
     if EVENTS.output::<DnsEvent>(&*event, 0).is_err() {
-        count(Counter::EventsLost);
+        count_for(binding, Counter::EventsLost);
     }
 }

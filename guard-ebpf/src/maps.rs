@@ -1,11 +1,13 @@
 //! Maps and globals of the object. Names are in `guard_common::maps`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use guard_common::{
     event::DnsEvent,
-    maps::{Binding, Counter, SeenKey, COUNTER_SLOTS, MAX_CGROUP_DEPTH, MAX_DNS_PORTS},
+    maps::{
+        Binding, Counter, PolicyCounters, SeenKey, COUNTER_SLOTS, MAX_CGROUP_DEPTH, MAX_DNS_PORTS,
+    },
     matching::{RuleEntry, RuleKey},
 };
 
@@ -22,6 +24,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// The same counters per policy id (one policy id per run or binding), for
+/// reports and metrics when many bindings share one loaded object.
+/// Userspace creates an entry before it binds a cgroup to the policy; a
+/// policy without an entry is counted only in [`COUNTERS`].
+#[map]
+pub static POLICY_COUNTERS: PerCpuHashMap<u32, PolicyCounters> =
+    PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Names already reported in record mode, with their query counts. Per CPU
 /// so counting needs no atomic (userspace sums the CPUs). LRU: a run that
@@ -71,6 +81,19 @@ pub fn count(counter: Counter) {
         // Per-CPU slot: a nested run on this CPU completes before we resume,
         // so a plain increment loses nothing.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Counts globally and for the binding's policy.
+#[inline(always)]
+pub fn count_for(binding: &Binding, counter: Counter) {
+    count(counter);
+    if let Some(counters) = POLICY_COUNTERS.get_ptr_mut(&binding.policy_id) {
+        let index = counter as usize;
+        if index < COUNTER_SLOTS as usize {
+            // Per-CPU value, same argument as above.
+            unsafe { (*counters).values[index] += 1 };
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use guard_common::event::{
     EventKind, ExecEvent, ExecResultEvent, ForkEvent, ARGS_CAP, MAX_ARGS, PATH_CAP,
 };
 
-use crate::maps::{count, find_binding, fork_child_pid_offset, EVENTS};
-use guard_common::maps::Counter;
+use crate::maps::{count_for, find_binding, fork_child_pid_offset, EVENTS};
+use guard_common::maps::{Binding, Counter};
 
 // Offsets in the syscall tracepoint records; stable across kernels.
 const EXECVE_FILENAME: usize = 16;
@@ -27,25 +27,24 @@ const EXECVE_ARGV: usize = 24;
 const EXIT_RET: usize = 16;
 
 #[inline(always)]
-fn current_is_guarded() -> bool {
+fn current_binding() -> Option<Binding> {
     find_binding(unsafe { bpf_get_current_cgroup_id() }, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level as i32)
     })
-    .is_some()
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_execve")]
 pub fn exec_enter(ctx: TracePointContext) -> u32 {
-    if current_is_guarded() {
-        record_exec(&ctx);
+    if let Some(binding) = current_binding() {
+        record_exec(&ctx, &binding);
     }
     0
 }
 
 #[inline(always)]
-fn record_exec(ctx: &TracePointContext) {
+fn record_exec(ctx: &TracePointContext, binding: &Binding) {
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count(Counter::EventsLost);
+        count_for(binding, Counter::EventsLost);
         return;
     };
     let event = unsafe { &mut *entry.as_mut_ptr() };
@@ -57,6 +56,7 @@ fn record_exec(ctx: &TracePointContext) {
     event.argc = 0;
     event.args_len = 0;
     event.args_truncated = 0;
+    event.policy_id = binding.policy_id;
     event.path[0] = 0;
     let filename: u64 = unsafe { ctx.read_at(EXECVE_FILENAME) }.unwrap_or(0);
     let argv: u64 = unsafe { ctx.read_at(EXECVE_ARGV) }.unwrap_or(0);
@@ -112,9 +112,9 @@ fn record_exec(ctx: &TracePointContext) {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_execve")]
 pub fn exec_exit(ctx: TracePointContext) -> u32 {
-    if !current_is_guarded() {
+    let Some(binding) = current_binding() else {
         return 0;
-    }
+    };
     let pid_tgid = bpf_get_current_pid_tgid();
     let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.unwrap_or(-1);
     let event = ExecResultEvent {
@@ -123,9 +123,10 @@ pub fn exec_exit(ctx: TracePointContext) -> u32 {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         ret: ret as i32,
+        policy_id: binding.policy_id,
     };
     if EVENTS.output::<ExecResultEvent>(&event, 0).is_err() {
-        count(Counter::EventsLost);
+        count_for(&binding, Counter::EventsLost);
     }
     0
 }
@@ -133,20 +134,20 @@ pub fn exec_exit(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn process_fork(ctx: TracePointContext) -> u32 {
     // Runs in the parent's context, so the parent's cgroup is the current one.
-    if !current_is_guarded() {
+    let Some(binding) = current_binding() else {
         return 0;
-    }
+    };
     let child_pid: i32 = unsafe { ctx.read_at(fork_child_pid_offset()) }.unwrap_or(0);
     let event = ForkEvent {
         kind: EventKind::Fork as u8,
         _pad: [0; 3],
         parent_pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         child_pid: child_pid as u32,
-        _pad2: 0,
+        policy_id: binding.policy_id,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if EVENTS.output::<ForkEvent>(&event, 0).is_err() {
-        count(Counter::EventsLost);
+        count_for(&binding, Counter::EventsLost);
     }
     0
 }

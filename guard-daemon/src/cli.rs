@@ -47,10 +47,55 @@ enum Command {
     /// once (EPERM); a blocked TCP lookup has its connection ended. Nothing
     /// outside the cgroup is affected. Requires root.
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the guard service (systemd unit `guard.service`).
+    ///
+    /// Loads the programs once, pins them under bpffs and guards the cgroups
+    /// and units bound in the configuration; `guard run` uses it when it
+    /// runs. Enforcement stays in place if the daemon dies; a restart adopts
+    /// it. SIGHUP reloads the configuration and policies.
+    Daemon(DaemonArgs),
+    /// Show what the daemon guards: programs, bindings, runs, counters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the daemon re-read its configuration and policies. An invalid
+    /// configuration is refused and the running one stays in force.
+    Reload,
+    /// Print the daemon's recent DNS events (blocked, audited, recorded).
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Log format on stderr (journald keeps either).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Remove everything the daemon pinned and the runs cgroup, then exit
+    /// (stop the service first).
+    #[arg(long)]
+    uninstall: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +146,10 @@ struct RunArgs {
     /// starting policy with `guard policy suggest`.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Do not use the guard daemon even when one is running: load the
+    /// programs for this run alone. (Without a daemon this is the default.)
+    #[arg(long)]
+    standalone: bool,
     /// Size of the kernel-to-userspace event buffer (a power of two, at
     /// least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = ring_size)]
@@ -166,13 +215,7 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logging(&cli.command);
     match cli.command {
         Command::Run(args) => run(RunOptions {
             command: args.command,
@@ -183,17 +226,51 @@ pub fn main() -> i32 {
             fail_open: args.fail_open,
             report: args.report,
             dns_ports: args.dns_ports,
-            cgroup_parent: args.cgroup_parent,
+            cgroup_parent: args.cgroup_parent.clone(),
             quiet: args.quiet,
             ring_buffer_bytes: args.ring_buffer_size,
             fail_on_block: args.fail_on_block,
             junit: args.junit,
             summary_markdown: args.summary_markdown,
             record: args.record,
+            // An explicit cgroup placement is a standalone run's feature.
+            standalone: args.standalone || args.cgroup_parent.is_some(),
         }),
+        Command::Daemon(args) if args.uninstall => crate::daemon::uninstall(&args.config),
+        Command::Daemon(args) => crate::daemon::main(crate::daemon::DaemonOptions {
+            config: args.config,
+        }),
+        Command::Status { json } => crate::client::status(json),
+        Command::Reload => crate::client::reload(),
+        Command::Events { follow, json } => crate::client::events(follow, json),
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
         Command::Report(args) => report(&args),
+    }
+}
+
+/// Logs go to stderr. The daemon logs at info (one record per blocked
+/// lookup), as text without colours or timestamps under journald (it adds
+/// its own), or as JSON lines; everything else logs warnings only.
+/// `GUARD_LOG` overrides the filter (e.g. `guard=debug`).
+fn init_logging(command: &Command) {
+    let (default, json) = match command {
+        Command::Daemon(args) => ("info", args.log_format == LogFormat::Json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.with_ansi(false).without_time().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 

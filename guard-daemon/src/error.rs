@@ -56,6 +56,10 @@ pub enum Error {
     },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("the guard daemon refused: {0}")]
+    Daemon(String),
+    #[error("pinning {0}: {1}")]
+    Pin(String, String),
     #[error("tracefs: {0}")]
     Tracefs(String),
     #[error("{context}: {source}")]

@@ -1,7 +1,10 @@
 //! guard's userspace: policies, cgroups, program loading, events and
 //! reports, and the `guard` command line built on them.
+pub mod api;
 pub mod cgroup;
 pub mod cli;
+pub mod client;
+pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod inventory;

@@ -62,6 +62,15 @@ impl ProcessTable {
         }
     }
 
+    /// Processes remembered.
+    pub fn len(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
     pub fn on_fork(&mut self, parent: u32, child: u32, comm: String) {
         if self.processes.len() >= MAX_TRACKED {
             return;

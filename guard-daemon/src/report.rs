@@ -136,13 +136,36 @@ impl EventRecord {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize, Clone, Copy)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
     pub inspected: u64,
     pub blocked: u64,
     pub audited: u64,
     pub malformed: u64,
     pub unbound: u64,
+}
+
+impl Counters {
+    /// The report's view of a policy's kernel counters.
+    pub fn from_kernel(counters: &guard_common::maps::PolicyCounters) -> Counters {
+        use guard_common::maps::Counter;
+        let get = |c: Counter| counters.values[c as usize];
+        Counters {
+            inspected: get(Counter::Inspected),
+            blocked: get(Counter::Blocked),
+            audited: get(Counter::Audited),
+            malformed: get(Counter::Malformed),
+            unbound: get(Counter::Unbound),
+        }
+    }
+
+    pub fn add(&mut self, other: &Counters) {
+        self.inspected += other.inspected;
+        self.blocked += other.blocked;
+        self.audited += other.audited;
+        self.malformed += other.malformed;
+        self.unbound += other.unbound;
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -32,11 +32,13 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, PolicyText, RunRequest, RunTotals},
     cgroup::{run_cgroup_name, sweep_stale_runs, Hierarchy, RunCgroup},
-    error::{Error, Result},
+    client,
+    error::{Error, PolicyError, Result},
     events::{decode, DnsQuery, Record, Transport},
     inventory::Inventory,
-    loader::{LoadOptions, Programs},
+    loader::{KernelMaps as _, LoadOptions, Programs},
     policy::{Mode, Policy, RuleSet},
     procs::ProcessTable,
     reaper::{self, Reaper},
@@ -86,6 +88,8 @@ pub struct RunOptions {
     pub summary_markdown: Option<PathBuf>,
     /// Write every resolved name (`--record`).
     pub record: Option<PathBuf>,
+    /// Never use the daemon, even when one is running.
+    pub standalone: bool,
 }
 
 /// Runs the command under guard and returns guard's exit status.
@@ -94,16 +98,8 @@ pub fn run(options: RunOptions) -> i32 {
         eprintln!("guard: no command to run");
         return EXIT_SETUP_FAILED;
     }
-    let policies = match load_policies(&options) {
-        Ok(policies) => policies,
-        Err(e) => {
-            eprintln!("guard: {e}");
-            eprintln!("guard: the command was not run");
-            return EXIT_SETUP_FAILED;
-        }
-    };
-    let rules = match RuleSet::compile(&policies, options.audit) {
-        Ok(rules) => rules,
+    let (texts, policies, rules) = match load_policies(&options) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("guard: {e}");
             eprintln!("guard: the command was not run");
@@ -113,29 +109,94 @@ pub fn run(options: RunOptions) -> i32 {
     if rules.deny_count() == 0 && !options.quiet {
         eprintln!("guard: warning: no deny rules; nothing will be blocked");
     }
+    if !options.standalone {
+        let request = RunRequest {
+            object: client::own_object(),
+            dns_ports: options.dns_ports.clone(),
+            policies: texts,
+            deny: options.deny.clone(),
+            allow: options.allow.clone(),
+            audit: options.audit,
+            record: options.record.is_some(),
+        };
+        match client::start_run(&api::socket_path(), &request) {
+            Ok(client::Started::Daemon(session)) => {
+                return match new_runtime() {
+                    Ok(runtime) => runtime.block_on(supervise(
+                        options,
+                        policies,
+                        rules,
+                        Backend::Daemon(session),
+                    )),
+                    Err(e) => setup_failed(&options, &e),
+                };
+            }
+            Ok(client::Started::NoDaemon) => {}
+            Ok(client::Started::Incompatible(message)) => {
+                if !options.quiet {
+                    eprintln!("guard: note: {message}; running standalone");
+                }
+            }
+            Err(e) => return setup_failed(&options, &e),
+        }
+    }
     let placement = match Placement::prepare(&options) {
         Ok(placement) => placement,
         Err(e) => return setup_failed(&options, &e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match new_runtime() {
         Ok(runtime) => runtime,
-        Err(e) => return setup_failed(&options, &Error::io("starting the async runtime")(e)),
+        Err(e) => return setup_failed(&options, &e),
     };
-    runtime.block_on(supervise(options, policies, rules, placement))
+    runtime.block_on(async {
+        let backend = match Standalone::set_up(&options, &rules, placement) {
+            Ok(backend) => backend,
+            Err(e) => return setup_failed(&options, &e),
+        };
+        supervise(options, policies, rules, Backend::Standalone(Box::new(backend))).await
+    })
 }
 
-fn load_policies(options: &RunOptions) -> Result<Vec<Policy>> {
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the async runtime"))
+}
+
+/// The policy files (their text travels to the daemon, which validates it
+/// again), the policies, and the compiled rules.
+fn load_policies(options: &RunOptions) -> Result<(Vec<PolicyText>, Vec<Policy>, RuleSet)> {
+    let mut texts = Vec::new();
     let mut policies = Vec::new();
     for path in &options.policy_files {
-        policies.push(Policy::load(path)?);
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        policies.push(Policy::parse(&text, path)?);
+        texts.push(PolicyText {
+            path: path.clone(),
+            text,
+        });
     }
-    if !options.deny.is_empty() || !options.allow.is_empty() {
-        policies.push(Policy::from_command_line(&options.deny, &options.allow)?);
+    let (policies, rules) = compile(policies, &options.deny, &options.allow, options.audit)?;
+    Ok((texts, policies, rules))
+}
+
+/// Adds the command-line rules to the policies and compiles them: the one
+/// compilation both `guard run` and the daemon use, so rule ids agree.
+pub fn compile(
+    mut policies: Vec<Policy>,
+    deny: &[String],
+    allow: &[String],
+    audit: bool,
+) -> Result<(Vec<Policy>, RuleSet), PolicyError> {
+    if !deny.is_empty() || !allow.is_empty() {
+        policies.push(Policy::from_command_line(deny, allow)?);
     }
-    Ok(policies)
+    let rules = RuleSet::compile(&policies, audit)?;
+    Ok((policies, rules))
 }
 
 /// Where the run's cgroup goes, decided (and the reaper started) while the
@@ -185,11 +246,38 @@ fn setup_failed(options: &RunOptions, error: &Error) -> i32 {
     }
 }
 
-/// Everything a run holds while the command runs. Dropping it detaches the
+/// A standalone run's own programs and cgroup. Dropping it detaches the
 /// programs and removes the cgroup, on every path out.
 struct Enforcement {
     programs: Programs,
     cgroup: Option<RunCgroup>,
+}
+
+/// A run that loaded its own programs.
+struct Standalone {
+    enforcement: Enforcement,
+    ring: RingBuf<MapData>,
+    reaper: Reaper,
+    hierarchy: Hierarchy,
+    path: PathBuf,
+}
+
+impl Standalone {
+    fn set_up(options: &RunOptions, rules: &RuleSet, placement: Placement) -> Result<Standalone> {
+        let Placement {
+            hierarchy,
+            path,
+            reaper,
+        } = placement;
+        let (enforcement, ring) = Enforcement::set_up(options, rules, &path)?;
+        Ok(Standalone {
+            enforcement,
+            ring,
+            reaper,
+            hierarchy,
+            path,
+        })
+    }
 }
 
 impl Enforcement {
@@ -211,6 +299,7 @@ impl Enforcement {
                 } else {
                     0
                 },
+                policy_capacity: 1,
             })?;
             tracing::debug!(elapsed = ?t.elapsed(), "programs loaded");
             programs.install_rules(0, rules)?;
@@ -246,19 +335,37 @@ impl Enforcement {
         }
     }
 
-    fn counters(&self) -> Counters {
+    /// What the report needs from the kernel once the command is done.
+    fn totals(&self, record: bool) -> RunTotals {
         let read = |c| self.programs.counter(c).unwrap_or(0);
-        Counters {
-            inspected: read(Counter::Inspected),
-            blocked: read(Counter::Blocked),
-            audited: read(Counter::Audited),
-            malformed: read(Counter::Malformed),
-            unbound: read(Counter::Unbound),
+        RunTotals {
+            counters: Counters {
+                inspected: read(Counter::Inspected),
+                blocked: read(Counter::Blocked),
+                audited: read(Counter::Audited),
+                malformed: read(Counter::Malformed),
+                unbound: read(Counter::Unbound),
+            },
+            events_lost: read(Counter::EventsLost),
+            seen: if record {
+                self.programs
+                    .seen_counts(0)
+                    .into_iter()
+                    .map(|((hash, qtype), count)| (hash, qtype, count))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            program_stats: self.programs.egress_stats().map(|(runs, ns)| ProgramStats {
+                runs,
+                run_time_ns: ns,
+                average_ns: if runs == 0 {
+                    0.0
+                } else {
+                    ns as f64 / runs as f64
+                },
+            }),
         }
-    }
-
-    fn events_lost(&self) -> u64 {
-        self.programs.counter(Counter::EventsLost).unwrap_or(0)
     }
 
     fn remove_cgroup(&mut self) -> Result<()> {
@@ -277,38 +384,79 @@ impl Drop for Enforcement {
     }
 }
 
+/// Where the run's enforcement lives.
+enum Backend {
+    Standalone(Box<Standalone>),
+    Daemon(client::RunSession),
+}
+
+/// Where the run's events come from while the command runs.
+enum Events {
+    Ring(AsyncFd<RingBuf<MapData>>),
+    Daemon(client::RunSession),
+}
+
 async fn supervise(
     options: RunOptions,
     policies: Vec<Policy>,
     rules: RuleSet,
-    placement: Placement,
+    backend: Backend,
 ) -> i32 {
     let started = Instant::now();
     let started_at = SystemTime::now();
-    let Placement {
-        hierarchy,
-        path,
-        reaper,
-    } = placement;
-    let (mut enforcement, ring) = match Enforcement::set_up(&options, &rules, &path) {
-        Ok(ok) => ok,
-        Err(e) => {
-            drop(reaper);
-            drop(hierarchy);
-            return setup_failed(&options, &e);
+    let (path, procs, standalone, mut events) = match backend {
+        Backend::Standalone(standalone) => {
+            let Standalone {
+                enforcement,
+                ring,
+                reaper,
+                hierarchy,
+                path,
+            } = *standalone;
+            let procs = match enforcement
+                .cgroup
+                .as_ref()
+                .map(RunCgroup::procs_for_writing)
+            {
+                Some(Ok(procs)) => procs,
+                Some(Err(e)) => return setup_failed(&options, &e),
+                None => unreachable!("cgroup is present until removal"),
+            };
+            // SAFETY: the ring buffer owns its descriptor and keeps it open,
+            // with the same description, for as long as the AsyncFd holds it.
+            let registered =
+                unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+            let ring = match registered.map_err(|e| e.into_parts().1) {
+                Ok(ring) => ring,
+                Err(e) => {
+                    return setup_failed(&options, &Error::io("watching the event ring buffer")(e))
+                }
+            };
+            (
+                path,
+                procs,
+                Some((enforcement, reaper, hierarchy)),
+                Events::Ring(ring),
+            )
         }
-    };
-    let procs = match enforcement
-        .cgroup
-        .as_ref()
-        .map(RunCgroup::procs_for_writing)
-    {
-        Some(Ok(procs)) => procs,
-        Some(Err(e)) => {
-            drop(enforcement);
-            return setup_failed(&options, &e);
+        Backend::Daemon(session) => {
+            let path = session.cgroup().to_owned();
+            let procs_path = path.join("cgroup.procs");
+            let procs = match std::fs::OpenOptions::new().write(true).open(&procs_path) {
+                Ok(procs) => procs,
+                Err(source) => {
+                    let error = Error::Cgroup {
+                        action: "opening",
+                        path: procs_path,
+                        source,
+                    };
+                    // Ending the session makes the daemon remove the cgroup.
+                    drop(session);
+                    return setup_failed(&options, &error);
+                }
+            };
+            (path, procs, None, Events::Daemon(session))
         }
-        None => unreachable!("cgroup is present until removal"),
     };
 
     let (program, args) = options
@@ -332,11 +480,13 @@ async fn supervise(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) if e.raw_os_error() == Some(PLACEMENT_FAILED) => {
-            drop(enforcement);
+            drop(events);
+            drop(standalone);
             return setup_failed(&options, &Error::io("placing the command in its cgroup")(e));
         }
         Err(e) => {
-            drop(enforcement);
+            drop(events);
+            drop(standalone);
             return spawn_error_code(program, &e);
         }
     };
@@ -344,66 +494,86 @@ async fn supervise(
     let child_pid = child.id().unwrap_or(0);
 
     let mut state = RunState::new(child_pid, &rules, options.quiet);
-    let status = {
-        // SAFETY: the ring buffer owns its descriptor and keeps it open, with
-        // the same description, for as long as the AsyncFd holds it.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-        let mut ring = match registered.map_err(|e| e.into_parts().1) {
-            Ok(ring) => ring,
-            Err(e) => {
-                let _ = child.start_kill();
-                drop(enforcement);
-                return setup_failed(&options, &Error::io("watching the event ring buffer")(e));
-            }
-        };
-        let status = match wait_forwarding_signals(&mut child, &mut ring, &mut state).await {
-            Ok(status) => status,
-            Err(e) => {
-                eprintln!("guard: {e}");
-                let _ = child.start_kill();
-                child
-                    .wait()
-                    .await
-                    .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
-            }
-        };
-        // Processes the command left behind are killed with the cgroup; the
-        // events they and the command produced are all in the ring by now.
-        let t = Instant::now();
-        if let Err(e) = enforcement.remove_cgroup() {
+    let status = match wait_forwarding_signals(&mut child, &mut events, &mut state).await {
+        Ok(status) => status,
+        Err(e) => {
             eprintln!("guard: {e}");
+            let _ = child.start_kill();
+            child
+                .wait()
+                .await
+                .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
         }
-        tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
-        state.drain(ring.get_mut());
-        status
     };
 
-    let counters = enforcement.counters();
-    let events_lost = enforcement.events_lost();
-    let program_stats = enforcement
-        .programs
-        .egress_stats()
-        .map(|(runs, ns)| ProgramStats {
-            runs,
-            run_time_ns: ns,
-            average_ns: if runs == 0 {
-                0.0
-            } else {
-                ns as f64 / runs as f64
-            },
-        });
-    let allowed_counts = if options.record.is_some() {
-        enforcement.programs.seen_counts(0)
-    } else {
-        Default::default()
+    // Processes the command left behind are killed with the cgroup; the
+    // events they and the command produced are all in the ring by now.
+    let totals = match (events, standalone) {
+        (Events::Ring(mut ring), Some((mut enforcement, reaper, hierarchy))) => {
+            let t = Instant::now();
+            if let Err(e) = enforcement.remove_cgroup() {
+                eprintln!("guard: {e}");
+            }
+            tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
+            state.drain(ring.get_mut());
+            let totals = enforcement.totals(options.record.is_some());
+            let t = Instant::now();
+            drop(enforcement);
+            tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
+            drop(reaper);
+            drop(hierarchy);
+            totals
+        }
+        (Events::Daemon(session), _) => {
+            match session.finish(|bytes| state.feed(bytes)).await {
+                Ok(totals) => totals,
+                Err(e) => {
+                    eprintln!("guard: {e}");
+                    eprintln!("guard: the daemon did not report the run's counters; they are missing below");
+                    return conclude(
+                        &options,
+                        &policies,
+                        state,
+                        status,
+                        RunTotals::default(),
+                        &path,
+                        started,
+                        started_at,
+                    )
+                    .max(EXIT_SETUP_FAILED);
+                }
+            }
+        }
+        (Events::Ring(_), None) => unreachable!("a ring comes with standalone enforcement"),
     };
-    let t = Instant::now();
-    drop(enforcement);
-    tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
-    drop(reaper);
-    drop(hierarchy);
+    conclude(
+        &options, &policies, state, status, totals, &path, started, started_at,
+    )
+}
 
+/// Builds the report from what the run saw and writes every output asked
+/// for; returns guard's exit status.
+#[allow(clippy::too_many_arguments)]
+fn conclude(
+    options: &RunOptions,
+    policies: &[Policy],
+    state: RunState<'_>,
+    status: ExitStatus,
+    totals: RunTotals,
+    path: &std::path::Path,
+    started: Instant,
+    started_at: SystemTime,
+) -> i32 {
+    let RunTotals {
+        counters,
+        events_lost,
+        seen,
+        program_stats,
+    } = totals;
+    let allowed_counts: std::collections::HashMap<(u64, u16), u64> = seen
+        .into_iter()
+        .map(|(hash, qtype, count)| ((hash, qtype), count))
+        .collect();
     let drops =
         counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
     let reported = counters.audited + if options.audit { counters.malformed } else { 0 };
@@ -522,7 +692,7 @@ async fn supervise(
 
 async fn wait_forwarding_signals(
     child: &mut tokio::process::Child,
-    ring: &mut AsyncFd<RingBuf<MapData>>,
+    events: &mut Events,
     state: &mut RunState<'_>,
 ) -> Result<ExitStatus> {
     let listen = |kind: SignalKind| signal(kind).map_err(Error::io("installing signal handlers"));
@@ -539,11 +709,14 @@ async fn wait_forwarding_signals(
     loop {
         tokio::select! {
             status = child.wait() => return status.map_err(Error::io("waiting for the command")),
-            readable = ring.readable_mut() => {
-                let mut guard = readable.map_err(Error::io("reading events"))?;
-                state.drain(guard.get_inner_mut());
-                guard.clear_ready();
-            }
+            batch = next_events(events) => match batch? {
+                Batch::Ring => {
+                    if let Events::Ring(ring) = events {
+                        state.drain(ring.get_mut());
+                    }
+                }
+                Batch::Record(bytes) => state.feed(&bytes),
+            },
             _ = interrupt.recv() => {
                 // Ctrl-C at a terminal reaches the command directly (same
                 // process group); forwarding it too would deliver it twice.
@@ -555,6 +728,28 @@ async fn wait_forwarding_signals(
             _ = hangup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
             _ = quit.recv() => forward(nix::sys::signal::Signal::SIGQUIT),
         }
+    }
+}
+
+enum Batch {
+    /// The ring buffer has records.
+    Ring,
+    /// One record from the daemon.
+    Record(Vec<u8>),
+}
+
+/// Waits for the next events (cancel-safe: both sources keep their place).
+async fn next_events(events: &mut Events) -> Result<Batch> {
+    match events {
+        Events::Ring(ring) => {
+            let mut guard = ring
+                .readable_mut()
+                .await
+                .map_err(Error::io("reading events"))?;
+            guard.clear_ready();
+            Ok(Batch::Ring)
+        }
+        Events::Daemon(session) => Ok(Batch::Record(session.next_record().await)),
     }
 }
 
@@ -602,21 +797,28 @@ impl<'a> RunState<'a> {
         while let Some(item) = ring.next() {
             let record = decode(&item);
             drop(item);
-            match record {
-                Some(Record::Dns(query)) => self.on_query(query),
-                Some(Record::Exec {
-                    tid, path, args, ..
-                }) => self.table.on_exec(tid, path, args),
-                Some(Record::ExecResult { pid, tid, ret }) => {
-                    self.table.on_exec_result(pid, tid, ret)
-                }
-                Some(Record::Fork {
-                    parent,
-                    child,
-                    comm,
-                }) => self.table.on_fork(parent, child, comm),
-                None => tracing::warn!("undecodable event record"),
-            }
+            self.on_record(record);
+        }
+    }
+
+    /// One raw record, as the daemon forwards them.
+    fn feed(&mut self, bytes: &[u8]) {
+        self.on_record(decode(bytes));
+    }
+
+    fn on_record(&mut self, record: Option<Record>) {
+        match record {
+            Some(Record::Dns(query)) => self.on_query(query),
+            Some(Record::Exec {
+                tid, path, args, ..
+            }) => self.table.on_exec(tid, path, args),
+            Some(Record::ExecResult { pid, tid, ret }) => self.table.on_exec_result(pid, tid, ret),
+            Some(Record::Fork {
+                parent,
+                child,
+                comm,
+            }) => self.table.on_fork(parent, child, comm),
+            None => tracing::warn!("undecodable event record"),
         }
     }
 

@@ -1,0 +1,530 @@
+//! The client side of the daemon's API: `guard run` through the daemon,
+//! and `guard status`, `guard reload`, `guard events`.
+use std::{
+    io,
+    os::unix::net::UnixStream as StdUnixStream,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::{unix::OwnedWriteHalf, UnixStream},
+    sync::{mpsc, Mutex},
+};
+
+use crate::{
+    api::{self, Frame, Reply, Request, RunRequest, RunTotals, Status},
+    cgroup::remove_cgroup_tree,
+    error::{Error, Result},
+    loader,
+};
+
+/// How long a finished run waits for a daemon that went away to come back
+/// before it gives up on the daemon's counters.
+const DAEMON_RETURN_TIMEOUT: Duration = Duration::from_secs(30);
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+/// The first exchange with the daemon (it answers in milliseconds; a hung
+/// daemon must not hang every deploy).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn own_object() -> String {
+    loader::object_fingerprint()
+}
+
+pub enum Started {
+    /// The daemon created and bound the run's cgroup.
+    Daemon(RunSession),
+    /// No daemon listens: run standalone.
+    NoDaemon,
+    /// A daemon listens but cannot host this run as asked.
+    Incompatible(String),
+}
+
+/// Asks the daemon for a guarded cgroup. Blocking: called before guard
+/// starts its async runtime.
+pub fn start_run(socket: &Path, request: &RunRequest) -> Result<Started> {
+    let mut stream = match StdUnixStream::connect(socket) {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(Started::NoDaemon)
+        }
+        Err(e) => return Err(unreachable_daemon(socket, e)),
+    };
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    api::write_frame_blocking(&mut stream, &Frame::json(&Request::Run(request.clone())))
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    let reply: Reply =
+        api::read_json_blocking(&mut stream).map_err(|e| unreachable_daemon(socket, e))?;
+    let _ = stream.set_read_timeout(None);
+    match reply {
+        Reply::RunStarted { cgroup, policy_id } => Ok(Started::Daemon(RunSession {
+            socket: socket.to_owned(),
+            cgroup,
+            policy_id,
+            stream: Some(stream),
+            link: None,
+        })),
+        Reply::Incompatible { message } => Ok(Started::Incompatible(message)),
+        Reply::Error { message } => Err(Error::Daemon(message)),
+        other => Err(Error::Daemon(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn unreachable_daemon(socket: &Path, error: io::Error) -> Error {
+    Error::io(format!(
+        "talking to the guard daemon on {}",
+        socket.display()
+    ))(error)
+}
+
+/// A run hosted by the daemon, from the client's side. Dropping it before
+/// [`RunSession::finish`] closes the connection, and the daemon ends the
+/// run (kills what is in the cgroup and removes it).
+pub struct RunSession {
+    socket: PathBuf,
+    cgroup: PathBuf,
+    policy_id: u32,
+    /// The connection until the async side takes it over.
+    stream: Option<StdUnixStream>,
+    link: Option<Link>,
+}
+
+/// What the connection task passes on.
+enum Incoming {
+    Record(Vec<u8>),
+    Totals(RunTotals),
+    Lost,
+    Resumed,
+    Failed(String),
+}
+
+struct Link {
+    incoming: mpsc::Receiver<Incoming>,
+    writer: Arc<Mutex<Option<OwnedWriteHalf>>>,
+    finishing: Arc<AtomicBool>,
+}
+
+impl RunSession {
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Starts the task that reads the connection (inside the runtime).
+    fn link(&mut self) -> &mut Link {
+        if self.link.is_none() {
+            let (tx, incoming) = mpsc::channel(4096);
+            let writer = Arc::new(Mutex::new(None));
+            let finishing = Arc::new(AtomicBool::new(false));
+            let stream = self.stream.take().and_then(|s| {
+                s.set_nonblocking(true).ok()?;
+                UnixStream::from_std(s).ok()
+            });
+            match stream {
+                Some(stream) => {
+                    let (reader, write_half) = stream.into_split();
+                    if let Ok(mut slot) = writer.try_lock() {
+                        *slot = Some(write_half);
+                    }
+                    tokio::spawn(connection_task(
+                        Some(reader),
+                        tx,
+                        writer.clone(),
+                        finishing.clone(),
+                        self.socket.clone(),
+                        self.cgroup.clone(),
+                        self.policy_id,
+                    ));
+                }
+                None => {
+                    tokio::spawn(connection_task(
+                        None,
+                        tx,
+                        writer.clone(),
+                        finishing.clone(),
+                        self.socket.clone(),
+                        self.cgroup.clone(),
+                        self.policy_id,
+                    ));
+                }
+            }
+            self.link = Some(Link {
+                incoming,
+                writer,
+                finishing,
+            });
+        }
+        self.link.as_mut().expect("just set")
+    }
+
+    /// The next record of the run (waits through daemon restarts).
+    pub async fn next_record(&mut self) -> Vec<u8> {
+        loop {
+            match self.link().incoming.recv().await {
+                Some(Incoming::Record(bytes)) => return bytes,
+                Some(Incoming::Lost) => eprintln!(
+                    "guard: lost the connection to the guard daemon; the command stays guarded; reconnecting"
+                ),
+                Some(Incoming::Resumed) => eprintln!("guard: reconnected to the guard daemon"),
+                Some(Incoming::Failed(message)) => {
+                    eprintln!("guard: the guard daemon: {message}");
+                    std::future::pending::<()>().await;
+                }
+                Some(Incoming::Totals(_)) | None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Tells the daemon the command is done, passes on the last records and
+    /// returns the run's totals. If the daemon does not come back in time,
+    /// ends the run itself (kills and removes the cgroup).
+    pub async fn finish(mut self, mut feed: impl FnMut(&[u8])) -> Result<RunTotals> {
+        let cgroup = self.cgroup.clone();
+        let link = self.link();
+        link.finishing.store(true, Ordering::SeqCst);
+        {
+            let mut writer = link.writer.lock().await;
+            if let Some(writer) = writer.as_mut() {
+                let _ = api::write_frame(writer, &Frame::json(&Request::Finish)).await;
+            }
+        }
+        let wait = async {
+            loop {
+                match link.incoming.recv().await {
+                    Some(Incoming::Record(bytes)) => feed(&bytes),
+                    Some(Incoming::Totals(totals)) => return Ok(totals),
+                    Some(Incoming::Lost) => eprintln!(
+                        "guard: lost the connection to the guard daemon; waiting for it to finish the run"
+                    ),
+                    Some(Incoming::Resumed) => {}
+                    Some(Incoming::Failed(message)) => return Err(Error::Daemon(message)),
+                    None => return Err(Error::Daemon("the connection ended".into())),
+                }
+            }
+        };
+        match tokio::time::timeout(DAEMON_RETURN_TIMEOUT, wait).await {
+            Ok(result) => result,
+            Err(_) => {
+                let _ = remove_cgroup_tree(&cgroup);
+                Err(Error::Daemon(format!(
+                    "no answer within {}s; removed {} myself",
+                    DAEMON_RETURN_TIMEOUT.as_secs(),
+                    cgroup.display()
+                )))
+            }
+        }
+    }
+}
+
+/// Reads the connection, and reconnects (resuming the run) when the daemon
+/// restarts. Owns the read half so reads are never cut off mid-frame.
+async fn connection_task(
+    mut reader: Option<tokio::net::unix::OwnedReadHalf>,
+    tx: mpsc::Sender<Incoming>,
+    writer: Arc<Mutex<Option<OwnedWriteHalf>>>,
+    finishing: Arc<AtomicBool>,
+    socket: PathBuf,
+    cgroup: PathBuf,
+    policy_id: u32,
+) {
+    loop {
+        if let Some(read_half) = reader.as_mut() {
+            match api::read_frame(read_half).await {
+                Ok(Some(Frame::Event(bytes))) => {
+                    if tx.send(Incoming::Record(bytes)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Some(Frame::Json(bytes))) => {
+                    match serde_json::from_slice::<Reply>(&bytes) {
+                        Ok(Reply::RunFinished(totals)) => {
+                            let _ = tx.send(Incoming::Totals(*totals)).await;
+                            return;
+                        }
+                        Ok(Reply::Error { message }) => {
+                            let _ = tx.send(Incoming::Failed(message)).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+                Ok(None) | Err(_) => {
+                    *writer.lock().await = None;
+                    reader = None;
+                    if tx.send(Incoming::Lost).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        // Reconnect and resume.
+        tokio::time::sleep(RECONNECT_INTERVAL).await;
+        if tx.is_closed() {
+            return;
+        }
+        let Ok(stream) = UnixStream::connect(&socket).await else {
+            continue;
+        };
+        let (mut read_half, mut write_half) = stream.into_split();
+        let resume = Request::Resume {
+            cgroup: cgroup.clone(),
+            policy_id,
+        };
+        if api::write_frame(&mut write_half, &Frame::json(&resume))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        match api::read_json::<_, Reply>(&mut read_half).await {
+            Ok(Some(Reply::RunStarted { .. })) => {
+                let mut slot = writer.lock().await;
+                if finishing.load(Ordering::SeqCst) {
+                    let _ = api::write_frame(&mut write_half, &Frame::json(&Request::Finish)).await;
+                }
+                *slot = Some(write_half);
+                reader = Some(read_half);
+                if tx.send(Incoming::Resumed).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Reply::Error { message })) => {
+                let _ = tx.send(Incoming::Failed(message)).await;
+                return;
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// One request, one reply (status, reload).
+fn ask(socket: &Path, request: &Request) -> Result<Reply> {
+    let mut stream = StdUnixStream::connect(socket).map_err(|e| unreachable_daemon(socket, e))?;
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    api::write_frame_blocking(&mut stream, &Frame::json(request))
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    api::read_json_blocking(&mut stream).map_err(|e| unreachable_daemon(socket, e))
+}
+
+/// `guard status`.
+pub fn status(json: bool) -> i32 {
+    let socket = api::socket_path();
+    match ask(&socket, &Request::Status) {
+        Ok(Reply::Status(status)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serialises")
+                );
+            } else {
+                print!("{}", status_text(&status));
+            }
+            0
+        }
+        Ok(Reply::Error { message }) => {
+            eprintln!("guard: {message}");
+            1
+        }
+        Ok(other) => {
+            eprintln!("guard: unexpected reply {other:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("guard: {e}");
+            1
+        }
+    }
+}
+
+fn status_text(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "guard daemon {} (pid {}), up {}s",
+        status.version, status.pid, status.uptime_seconds
+    );
+    let _ = writeln!(out, "config:   {}", status.config.display());
+    let _ = writeln!(out, "pinned:   {}", status.pin_dir.display());
+    let _ = writeln!(out, "runs in:  {}", status.runs_cgroup.display());
+    let _ = writeln!(out, "programs:");
+    for program in &status.programs {
+        let _ = write!(out, "  {:<14} {}", program.name, program.attached_to);
+        if let Some(insns) = program.verified_instructions {
+            let _ = write!(out, " ({insns} verified instructions)");
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "guarded:");
+    if status.bindings.is_empty() {
+        let _ = writeln!(out, "  nothing");
+    }
+    for binding in &status.bindings {
+        let cgroup = binding
+            .cgroup
+            .as_ref()
+            .map(|c| c.display().to_string())
+            .unwrap_or_else(|| "(not running)".into());
+        let _ = writeln!(
+            out,
+            "  {} {}  [{}] {}  policy {}\n      {}\n      inspected {}, blocked {}, audited {}, unreadable {}, events lost {}",
+            binding.kind,
+            binding.target,
+            binding.mode,
+            binding.policies.join(", "),
+            binding.policy_id,
+            cgroup,
+            binding.counters.inspected,
+            binding.counters.blocked,
+            binding.counters.audited,
+            binding.counters.malformed,
+            binding.events_lost
+        );
+    }
+    let t = &status.totals;
+    let _ = writeln!(
+        out,
+        "totals: inspected {}, blocked {}, audited {}, unreadable {}, unbound {}, events lost {}; {} rules loaded",
+        t.inspected, t.blocked, t.audited, t.malformed, t.unbound, status.events_lost, status.rules_loaded
+    );
+    out
+}
+
+/// `guard reload`.
+pub fn reload() -> i32 {
+    let socket = api::socket_path();
+    match ask(&socket, &Request::Reload) {
+        Ok(Reply::Reloaded { message }) => {
+            println!("guard: {message}");
+            0
+        }
+        Ok(Reply::Error { message }) => {
+            eprintln!("guard: reload refused, the previous policies stay in force: {message}");
+            1
+        }
+        Ok(other) => {
+            eprintln!("guard: unexpected reply {other:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("guard: {e}");
+            1
+        }
+    }
+}
+
+/// `guard events`: recent events, then (with `follow`) new ones as they
+/// happen, as text or JSON lines.
+pub fn events(follow: bool, json: bool) -> i32 {
+    let socket = api::socket_path();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async {
+        let mut stream = match UnixStream::connect(&socket).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("guard: {}", unreachable_daemon(&socket, e));
+                return 1;
+            }
+        };
+        if let Err(e) =
+            api::write_frame(&mut stream, &Frame::json(&Request::Events { follow })).await
+        {
+            eprintln!("guard: {}", unreachable_daemon(&socket, e));
+            return 1;
+        }
+        loop {
+            match api::read_json::<_, Reply>(&mut stream).await {
+                Ok(Some(Reply::Event(event))) => {
+                    let line = if json {
+                        event.to_string()
+                    } else {
+                        event_text(&event)
+                    };
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        return 0;
+                    }
+                }
+                Ok(Some(Reply::Backlog)) if !follow => return 0,
+                Ok(Some(Reply::Backlog)) => {}
+                Ok(Some(Reply::Error { message })) => {
+                    eprintln!("guard: {message}");
+                    return 1;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) if !follow => return 0,
+                Ok(None) => {
+                    eprintln!("guard: the daemon closed the connection");
+                    return 1;
+                }
+                Err(e) => {
+                    eprintln!("guard: {}", unreachable_daemon(&socket, e));
+                    return 1;
+                }
+            }
+        }
+    })
+}
+
+/// One event as a line for people.
+fn event_text(event: &serde_json::Value) -> String {
+    let get = |key: &str| event.get(key).and_then(|v| v.as_str()).unwrap_or("");
+    let chain: Vec<String> = event
+        .get("process_chain")
+        .and_then(|c| c.as_array())
+        .map(|links| {
+            links
+                .iter()
+                .filter_map(|link| {
+                    serde_json::from_value::<crate::procs::ChainLink>(link.clone()).ok()
+                })
+                .map(|link| link.short())
+                .collect()
+        })
+        .unwrap_or_default();
+    let rule = event
+        .get("rule")
+        .filter(|r| !r.is_null())
+        .and_then(|r| serde_json::from_value::<crate::report::RuleRef>(r.clone()).ok())
+        .map(|r| format!(" [{} {}]", r.kind, r.pattern))
+        .unwrap_or_default();
+    format!(
+        "{} {} {} {} ({} {}, policy {}){} from: {}",
+        get("time"),
+        get("verdict").to_uppercase(),
+        get("query_type"),
+        get("name"),
+        get("binding"),
+        get("guarded"),
+        get("policy"),
+        rule,
+        if chain.is_empty() {
+            format!(
+                "pid {}",
+                event.get("pid").and_then(|p| p.as_u64()).unwrap_or(0)
+            )
+        } else {
+            chain.join(" → ")
+        }
+    )
+}

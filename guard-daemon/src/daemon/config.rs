@@ -1,0 +1,444 @@
+//! The daemon's configuration: `/etc/guard/daemon.yaml` by default.
+//!
+//! ```yaml
+//! policies_dir: policies          # relative to this file; every *.yaml in it
+//! bindings:
+//!   - unit: deploy-agent.service  # every process of the unit, now and later
+//!     policies: [frontend-during-db-deploy]
+//!   - cgroup: /deploy.slice/chef-client.service
+//!     policies: [frontend-during-db-deploy, no-package-mirrors]
+//!     mode: audit                 # report instead of block (default: enforce)
+//! metrics_address: 127.0.0.1:9464 # optional; loopback only
+//! ```
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    error::PolicyError,
+    policy::{Mode, Policy, RuleSet},
+};
+
+pub const DEFAULT_CONFIG: &str = "/etc/guard/daemon.yaml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    policies_dir: Option<PathBuf>,
+    #[serde(default)]
+    bindings: Vec<BindingFile>,
+    #[serde(default)]
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    runs_cgroup: Option<PathBuf>,
+    #[serde(default)]
+    metrics_address: Option<String>,
+    #[serde(default)]
+    dns_ports: Option<Vec<u16>>,
+    #[serde(default)]
+    rule_capacity: Option<u32>,
+    #[serde(default)]
+    max_policies: Option<u32>,
+    #[serde(default)]
+    ring_buffer_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindingFile {
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    policies: Vec<String>,
+    #[serde(default)]
+    mode: Option<Mode>,
+}
+
+/// What a binding guards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A systemd unit, found by its cgroup's name wherever it is.
+    Unit(String),
+    /// A cgroup path, relative to the cgroup2 mount.
+    Cgroup(PathBuf),
+}
+
+impl Target {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Unit(_) => "unit",
+            Target::Cgroup(_) => "cgroup",
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Target::Unit(unit) => unit.clone(),
+            Target::Cgroup(path) => path.display().to_string(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct BindingConfig {
+    pub target: Target,
+    pub policies: Vec<String>,
+    pub mode: Mode,
+    pub rules: Arc<RuleSet>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub policies_dir: PathBuf,
+    pub bindings: Vec<BindingConfig>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub runs_cgroup: Option<PathBuf>,
+    pub metrics_address: Option<SocketAddr>,
+    pub dns_ports: Vec<u16>,
+    pub rule_capacity: u32,
+    pub max_policies: u32,
+    pub ring_buffer_size: u32,
+}
+
+impl Config {
+    /// Reads the configuration and every policy it names. Every problem is
+    /// reported with the file, the line and the offending value.
+    pub fn load(path: &Path) -> Result<Config, PolicyError> {
+        let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: ConfigFile =
+            serde_yaml::from_str(&text).map_err(|error| PolicyError::Syntax {
+                path: path.to_owned(),
+                line: error.location().map(|l| l.line()),
+                message: strip_location(&error.to_string()),
+            })?;
+        let invalid = |needle: &str, message: String| PolicyError::Invalid {
+            path: path.to_owned(),
+            line: line_of(&text, needle),
+            message,
+        };
+        let base = path.parent().unwrap_or(Path::new("/"));
+        let policies_dir = base.join(
+            file.policies_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("policies")),
+        );
+        let policies = load_policy_dir(&policies_dir)?;
+
+        let mut bindings = Vec::new();
+        for (index, binding) in file.bindings.iter().enumerate() {
+            let target = match (&binding.unit, &binding.cgroup) {
+                (Some(unit), None) if valid_unit_name(unit) => Target::Unit(unit.clone()),
+                (Some(unit), None) => return Err(invalid(
+                    unit,
+                    format!(
+                        "binding {}: unit {unit:?} is not a unit name (e.g. deploy-agent.service)",
+                        index + 1
+                    ),
+                )),
+                (None, Some(cgroup)) => {
+                    let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
+                    if relative.as_os_str().is_empty()
+                        || relative
+                            .components()
+                            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                    {
+                        return Err(invalid(
+                            &cgroup.display().to_string(),
+                            format!("binding {}: cgroup {:?} must be a path below the cgroup root, without `..`", index + 1, cgroup.display().to_string()),
+                        ));
+                    }
+                    Target::Cgroup(relative.to_owned())
+                }
+                _ => {
+                    return Err(invalid(
+                        "policies",
+                        format!(
+                            "binding {}: give exactly one of `unit` and `cgroup`",
+                            index + 1
+                        ),
+                    ))
+                }
+            };
+            if binding.policies.is_empty() {
+                return Err(invalid(
+                    "policies",
+                    format!(
+                        "binding {} ({}): `policies` is empty",
+                        index + 1,
+                        target.name()
+                    ),
+                ));
+            }
+            let mut chosen = Vec::new();
+            for name in &binding.policies {
+                let policy = policies.get(name).ok_or_else(|| {
+                    invalid(
+                        name,
+                        format!(
+                            "binding {} ({}): unknown policy {name:?}; {} has: {}",
+                            index + 1,
+                            target.name(),
+                            policies_dir.display(),
+                            policies.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+                chosen.push(policy.clone());
+            }
+            let mode = binding.mode.unwrap_or(Mode::Enforce);
+            let rules = RuleSet::compile(&chosen, mode == Mode::Audit)?;
+            if bindings.iter().any(|b: &BindingConfig| b.target == target) {
+                return Err(invalid(
+                    &target.name(),
+                    format!("{} {} is bound twice", target.kind(), target.name()),
+                ));
+            }
+            bindings.push(BindingConfig {
+                target,
+                policies: binding.policies.clone(),
+                mode,
+                rules: Arc::new(rules),
+            });
+        }
+
+        let metrics_address = match &file.metrics_address {
+            None => None,
+            Some(text) => {
+                let address: SocketAddr = text.parse().map_err(|e| {
+                    invalid(
+                        text,
+                        format!("metrics_address {text:?}: {e} (expected e.g. 127.0.0.1:9464)"),
+                    )
+                })?;
+                if !address.ip().is_loopback() {
+                    return Err(invalid(
+                        text,
+                        format!("metrics_address {text:?} is not a loopback address; metrics are served on loopback only"),
+                    ));
+                }
+                Some(address)
+            }
+        };
+        let dns_ports = file.dns_ports.clone().unwrap_or_else(|| vec![53]);
+        if dns_ports.is_empty()
+            || dns_ports.len() > guard_common::maps::MAX_DNS_PORTS
+            || dns_ports.contains(&0)
+        {
+            return Err(invalid(
+                "dns_ports",
+                format!(
+                    "dns_ports {dns_ports:?}: give 1 to {} non-zero ports",
+                    guard_common::maps::MAX_DNS_PORTS
+                ),
+            ));
+        }
+        let ring_buffer_size = file.ring_buffer_size.unwrap_or(4 << 20);
+        if ring_buffer_size < 4096 || !ring_buffer_size.is_power_of_two() {
+            return Err(invalid(
+                "ring_buffer_size",
+                format!(
+                    "ring_buffer_size {ring_buffer_size} is not a power of two of at least 4096"
+                ),
+            ));
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            policies_dir,
+            bindings,
+            socket: file
+                .socket
+                .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET)),
+            pin_dir: file
+                .pin_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            runs_cgroup: file.runs_cgroup,
+            metrics_address,
+            dns_ports,
+            rule_capacity: file.rule_capacity.unwrap_or(131_072).max(1),
+            max_policies: file.max_policies.unwrap_or(4096).max(16),
+            ring_buffer_size,
+        })
+    }
+
+    /// Settings that are baked into the loaded object or the process; a
+    /// reload cannot change them.
+    pub fn restart_only_settings(&self) -> String {
+        format!(
+            "{:?}",
+            (
+                &self.socket,
+                &self.pin_dir,
+                &self.runs_cgroup,
+                &self.metrics_address,
+                &self.dns_ports,
+                self.rule_capacity,
+                self.max_policies,
+                self.ring_buffer_size
+            )
+        )
+    }
+}
+
+/// Every `*.yaml`/`*.yml` policy in `dir`, by name. Two files with one name
+/// are an error: a binding must not depend on directory order.
+fn load_policy_dir(dir: &Path) -> Result<BTreeMap<String, Policy>, PolicyError> {
+    let entries = fs::read_dir(dir).map_err(|source| PolicyError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    let mut policies: BTreeMap<String, Policy> = BTreeMap::new();
+    for path in paths {
+        let policy = Policy::load(&path)?;
+        if let Some(other) = policies.get(&policy.name) {
+            return Err(PolicyError::Invalid {
+                path: path.clone(),
+                line: None,
+                message: format!(
+                    "policy name {:?} is also used by {}",
+                    policy.name,
+                    other.source.as_deref().unwrap_or(Path::new("?")).display()
+                ),
+            });
+        }
+        policies.insert(policy.name.clone(), policy);
+    }
+    Ok(policies)
+}
+
+fn valid_unit_name(unit: &str) -> bool {
+    const SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
+    SUFFIXES
+        .iter()
+        .any(|s| unit.len() > s.len() && unit.ends_with(s))
+        && !unit.contains('/')
+        && unit != "."
+        && unit != ".."
+}
+
+/// The 1-based line of the first occurrence of `needle` (serde_yaml gives
+/// positions only for syntax errors).
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| line.contains(needle))
+        .map(|index| index + 1)
+}
+
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn setup(config: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("policies")).unwrap();
+        write(
+            &dir.path().join("policies"),
+            "frontend.yaml",
+            "name: frontend\ndeny:\n  - \"*.frontend.internal\"\n",
+        );
+        let path = write(dir.path(), "daemon.yaml", config);
+        (dir, path)
+    }
+
+    #[test]
+    fn loads_bindings_with_their_rules() {
+        let (_dir, path) = setup(
+            "bindings:\n  - unit: deploy-agent.service\n    policies: [frontend]\n  - cgroup: /deploy.slice/x\n    policies: [frontend]\n    mode: audit\n",
+        );
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.bindings.len(), 2);
+        assert_eq!(
+            config.bindings[0].target,
+            Target::Unit("deploy-agent.service".into())
+        );
+        assert_eq!(
+            config.bindings[1].target,
+            Target::Cgroup("deploy.slice/x".into())
+        );
+        assert_eq!(config.bindings[1].mode, Mode::Audit);
+        assert_eq!(config.bindings[0].rules.deny_count(), 1);
+        assert_eq!(config.socket, PathBuf::from(crate::api::DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn names_file_line_and_value_of_an_unknown_policy() {
+        let (_dir, path) = setup(
+            "bindings:\n  - unit: deploy-agent.service\n    policies:\n      - frontend\n      - frontedn\n",
+        );
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("{}:5:", path.display())),
+            "{message}"
+        );
+        assert!(message.contains("unknown policy \"frontedn\""), "{message}");
+        assert!(message.contains("frontend"), "{message}");
+    }
+
+    #[test]
+    fn refuses_typos_non_loopback_metrics_and_escaping_cgroups() {
+        let (_dir, path) = setup("bindngs: []\n");
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("bindngs"), "{message}");
+        assert!(message.contains(":1"), "{message}");
+
+        let (_dir, path) = setup("metrics_address: 0.0.0.0:9464\n");
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains(":1:"), "{message}");
+        assert!(message.contains("not a loopback address"), "{message}");
+
+        let (_dir, path) = setup("bindings:\n  - cgroup: /a/../../etc\n    policies: [frontend]\n");
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains(":2:"), "{message}");
+        assert!(message.contains("without `..`"), "{message}");
+
+        let (_dir, path) = setup("bindings:\n  - unit: deploy-agent\n    policies: [frontend]\n");
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("not a unit name"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_policy_file_is_reported_with_its_own_line() {
+        let (dir, path) = setup("bindings: []\n");
+        write(
+            &dir.path().join("policies"),
+            "broken.yaml",
+            "name: broken\ndeny:\n  - \"exa mple.com\"\n",
+        );
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("broken.yaml:3"), "{message}");
+    }
+}

@@ -1,0 +1,738 @@
+//! `guard daemon` on the real kernel: a real daemon process per test, with
+//! its own configuration, pin directory, socket and cgroups, in the test's
+//! own network namespace (see common::Sandbox).
+mod common;
+
+use std::{
+    collections::HashSet,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{dns_query, eventually, report, Run, Sandbox, GUARD};
+use guard_daemon::{
+    cgroup::{cgroup2_mount_point, remove_cgroup_tree},
+    loader::{KernelMaps as _, Pinned},
+};
+
+struct TestDaemon {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    socket: PathBuf,
+    pin_root: PathBuf,
+    /// The test's cgroup subtree: `runs` and bound cgroups live below it.
+    cgroups: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl TestDaemon {
+    /// Writes a configuration (`bindings` is YAML for the `bindings:` key,
+    /// where `@CG@` stands for the test's cgroup subtree) and starts the
+    /// daemon.
+    fn start(policies: &[(&str, &str)], bindings: &str) -> TestDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let nonce = format!("{}-{:x}", std::process::id(), rand_nonce());
+        let mount = cgroup2_mount_point(&fs::read_to_string("/proc/self/mountinfo").unwrap())
+            .expect("cgroup2");
+        let relative = format!("guard-test-{nonce}");
+        let cgroups = mount.join(&relative);
+        fs::create_dir(&cgroups).unwrap();
+        fs::create_dir(dir.path().join("policies")).unwrap();
+        for (file, text) in policies {
+            fs::write(dir.path().join("policies").join(file), text).unwrap();
+        }
+        let socket = dir.path().join("run").join("guard.sock");
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/guard-test-{nonce}"));
+        let config = dir.path().join("daemon.yaml");
+        fs::write(
+            &config,
+            format!(
+                "socket: {}\npin_dir: {}\nruns_cgroup: /{relative}/runs\nbindings:\n{}",
+                socket.display(),
+                pin_root.display(),
+                bindings.replace("@CG@", &format!("/{relative}"))
+            ),
+        )
+        .unwrap();
+        let mut daemon = TestDaemon {
+            dir,
+            config,
+            socket,
+            pin_root,
+            cgroups,
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn log(&self) -> String {
+        let mut all = String::new();
+        for start in 1..=self.starts {
+            all += &fs::read_to_string(self.dir.path().join(format!("daemon-{start}.log")))
+                .unwrap_or_default();
+        }
+        all
+    }
+
+    /// Starts the daemon process and waits until it answers.
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts)))
+            .unwrap();
+        let child = Command::new(GUARD)
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .env("GUARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting guard daemon");
+        self.child = Some(child);
+        let ready = eventually(Duration::from_secs(30), || {
+            self.admin(&["status"]).output().is_ok_and(|o| o.status.success())
+        });
+        assert!(ready, "the daemon did not become ready:\n{}", self.log());
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// `guard ARGS` as a client of this daemon (admin commands).
+    fn admin(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(GUARD);
+        command.args(args).env("GUARD_SOCKET", &self.socket);
+        command
+    }
+
+    /// `guard ARGS` as a client of this daemon, with the sandbox resolver.
+    fn guard(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
+        let mut command = sandbox.guard(args);
+        command.env("GUARD_SOCKET", &self.socket);
+        command
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let output = self.admin(&["status", "--json"]).output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn pinned(&self) -> Pinned {
+        let generation = fs::read_dir(&self.pin_root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !p.to_string_lossy().contains("partial-"))
+            .expect("a pinned generation");
+        Pinned::open(&generation).expect("opening the pinned maps")
+    }
+
+    /// A cgroup below the test's subtree (for bindings).
+    fn cgroup(&self, name: &str) -> PathBuf {
+        let path = self.cgroups.join(name);
+        fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// A command that moves itself into `cgroup` and then runs `args`.
+    fn in_cgroup(&self, sandbox: &Sandbox, cgroup: &Path, args: &[String]) -> Command {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/resolv.conf && echo $$ > \"$1\" && shift 2 && exec \"$@\"")
+            .arg(sandbox.path("resolv.conf"))
+            .arg(cgroup.join("cgroup.procs"))
+            .arg("--")
+            .args(args);
+        command
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+        let uninstall = self
+            .admin(&["daemon", "--uninstall", "--config"])
+            .arg(&self.config)
+            .output();
+        let _ = remove_cgroup_tree(&self.cgroups);
+        if !std::thread::panicking() {
+            let uninstall = uninstall.expect("guard daemon --uninstall");
+            assert!(uninstall.status.success(), "{uninstall:?}");
+            assert!(!self.pin_root.exists(), "uninstall left {}", self.pin_root.display());
+        }
+    }
+}
+
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+const FRONTEND: (&str, &str) = (
+    "frontend.yaml",
+    "name: frontend\ndeny:\n  - \"*.frontend.test\"\nallow:\n  - status.frontend.test\n",
+);
+
+fn query(name: &str) -> Vec<String> {
+    vec![
+        dns_query(),
+        "--timeout".into(),
+        "2".into(),
+        "127.0.0.1:53".into(),
+        name.into(),
+    ]
+}
+
+/// A run through the daemon reports exactly what a standalone run reports.
+#[test]
+fn a_run_through_the_daemon_behaves_like_a_standalone_run() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let policy = daemon.dir.path().join("policies/frontend.yaml");
+    let script = format!(
+        "{q} 127.0.0.1:53 api.frontend.test; {q} 127.0.0.1:53 status.frontend.test; {q} 127.0.0.1:53 db.test; exit 3",
+        q = dns_query()
+    );
+    let mut reports = Vec::new();
+    for (how, extra) in [("daemon", None), ("standalone", Some("--standalone"))] {
+        let report_path = sandbox.path(&format!("{how}.json"));
+        let mut args = vec!["run", "-p", policy.to_str().unwrap(), "--report"];
+        args.push(report_path.to_str().unwrap());
+        args.extend(extra);
+        args.extend(["--", "sh", "-c", &script]);
+        let run = Run::from(daemon.guard(&sandbox, &args).output().unwrap());
+        assert_eq!(run.code, 77, "{how}: {run:?}");
+        assert!(
+            run.stderr.contains("blocked A api.frontend.test"),
+            "{how}: {run:?}"
+        );
+        reports.push(report(&report_path));
+    }
+    let (via_daemon, standalone) = (&reports[0], &reports[1]);
+    let runs_dir = daemon.cgroups.join("runs");
+    assert!(
+        via_daemon["cgroup"]
+            .as_str()
+            .unwrap()
+            .starts_with(runs_dir.to_str().unwrap()),
+        "the run did not go through the daemon: {}",
+        via_daemon["cgroup"]
+    );
+    assert!(!standalone["cgroup"]
+        .as_str()
+        .unwrap()
+        .starts_with(runs_dir.to_str().unwrap()));
+    for key in ["exit_code", "command_exit", "counters", "events_lost", "mode", "policies"] {
+        assert_eq!(via_daemon[key], standalone[key], "{key} differs");
+    }
+    let summary = |r: &serde_json::Value| -> Vec<(String, String, String, String)> {
+        r["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["verdict"].as_str().unwrap().to_owned(),
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["rule"]["pattern"].to_string(),
+                    e["process_chain"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|l| l["argv"][0].to_string())
+                        .collect::<Vec<_>>()
+                        .join(" > "),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(summary(via_daemon), summary(standalone));
+    assert_eq!(via_daemon["counters"]["blocked"], 1);
+    assert!(sandbox.v4.saw("status.frontend.test") && sandbox.v4.saw("db.test"));
+    assert!(!sandbox.v4.saw("api.frontend.test"));
+}
+
+/// kill -9 of the daemon: a guarded run and a bound cgroup stay guarded;
+/// after a restart the run resumes and its next blocked lookup is reported.
+#[test]
+fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+    );
+    let agent = daemon.cgroup("agent");
+    // Give the daemon a moment to see the new cgroup and bind it.
+    assert!(
+        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]["cgroup"]
+            .is_string()),
+        "{}",
+        daemon.log()
+    );
+
+    // A run that waits for our signal between lookups.
+    let step = |n: u32| sandbox.path(&format!("step{n}"));
+    let script = format!(
+        "while [ ! -e {s1} ]; do sleep 0.05; done; {q} 127.0.0.1:53 during.frontend.test; echo during=$?; \
+         while [ ! -e {s2} ]; do sleep 0.05; done; {q} 127.0.0.1:53 after.frontend.test; echo after=$?",
+        s1 = step(1).display(),
+        s2 = step(2).display(),
+        q = dns_query()
+    );
+    let report_path = sandbox.path("report.json");
+    let run = daemon
+        .guard(
+            &sandbox,
+            &[
+                "run",
+                "--deny",
+                "*.frontend.test",
+                "--report",
+                report_path.to_str().unwrap(),
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        daemon.status()["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["kind"] == "run")
+    }));
+
+    daemon.kill9();
+    // The daemon is gone; its pinned programs still decide.
+    fs::write(step(1), "").unwrap();
+    let bound = Run::from(
+        daemon
+            .in_cgroup(&sandbox, &agent, &query("bound.frontend.test"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(bound.code, 1, "{bound:?}");
+    assert!(bound.stdout.contains("error send"), "{bound:?}");
+    let allowed = Run::from(
+        daemon
+            .in_cgroup(&sandbox, &agent, &query("status.frontend.test"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(allowed.code, 0, "{allowed:?}");
+    // Wait for the run's lookup to have happened (refused) while down.
+    assert!(eventually(Duration::from_secs(10), || {
+        fs::read_dir(daemon.cgroups.join("runs"))
+            .map(|d| d.count() == 1)
+            .unwrap_or(false)
+            && !sandbox.v4.saw("during.frontend.test")
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!sandbox.v4.saw("during.frontend.test"));
+    assert!(!sandbox.v4.saw("bound.frontend.test"));
+
+    daemon.spawn();
+    fs::write(step(2), "").unwrap();
+    let output = run.wait_with_output().unwrap();
+    let run = Run::from(output);
+    assert_eq!(run.code, 77, "{run:?}\n{}", daemon.log());
+    assert!(run.stdout.contains("during=1"), "{run:?}");
+    assert!(run.stdout.contains("after=1"), "{run:?}");
+    assert!(run.stderr.contains("reconnected to the guard daemon"), "{run:?}");
+    let report = report(&report_path);
+    let names: HashSet<&str> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    // Both blocked lookups are reported: the one made while the daemon was
+    // down was read from the pinned ring buffer after the restart.
+    assert_eq!(
+        names,
+        HashSet::from(["during.frontend.test", "after.frontend.test"]),
+        "{report:#}"
+    );
+    assert_eq!(report["counters"]["blocked"], 2);
+    assert!(!sandbox.v4.saw("after.frontend.test"));
+    // The restarted daemon reports the bound cgroup's blocks too.
+    let again = Run::from(
+        daemon
+            .in_cgroup(&sandbox, &agent, &query("again.frontend.test"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(eventually(Duration::from_secs(10), || {
+        let events = daemon.admin(&["events", "--json"]).output().unwrap();
+        String::from_utf8_lossy(&events.stdout).contains("again.frontend.test")
+    }));
+    assert!(daemon.log().contains("adopted the pinned programs"));
+}
+
+/// Reloading while lookups run: names denied in both policies are never
+/// answered, names allowed in both are always answered, and a broken policy
+/// is refused with its file and line, the old one staying in force.
+#[test]
+fn reload_swaps_policies_atomically_and_refuses_bad_ones() {
+    let sandbox = Sandbox::new();
+    let version = |n: u32| {
+        format!(
+            "name: churn\ndeny:\n  - always.denied.test\n  - \"*.v{n}.test\"\n  - only-in-{n}.test\n"
+        )
+    };
+    let daemon = TestDaemon::start(
+        &[("churn.yaml", &version(1))],
+        "  - cgroup: @CG@/agent\n    policies: [churn]\n",
+    );
+    let agent = daemon.cgroup("agent");
+    assert!(eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
+        ["cgroup"]
+        .is_string()));
+    // A client in the bound cgroup: 400 rounds of a denied and an allowed
+    // name, counting wrong verdicts itself.
+    let script = format!(
+        "bad=0; i=0; while [ $i -lt 400 ]; do \
+           if {q} 127.0.0.1:53 always.denied.test >/dev/null; then bad=$((bad+1)); fi; \
+           if ! {q} 127.0.0.1:53 allowed-$i.test >/dev/null; then bad=$((bad+1)); fi; \
+           i=$((i+1)); done; echo wrong=$bad",
+        q = format!("{} --timeout 2", dns_query())
+    );
+    let client = daemon
+        .in_cgroup(
+            &sandbox,
+            &agent,
+            &["sh".into(), "-c".into(), script],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let policy_file = daemon.dir.path().join("policies/churn.yaml");
+    let mut reloads = 0;
+    let mut policy_ids = HashSet::new();
+    while reloads < 40 {
+        fs::write(&policy_file, version(reloads % 2 + 1)).unwrap();
+        let reload = daemon.admin(&["reload"]).output().unwrap();
+        assert!(reload.status.success(), "{reload:?}");
+        policy_ids.insert(daemon.status()["bindings"][0]["policy_id"].as_u64().unwrap());
+        reloads += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("wrong=0"), "{stdout}");
+    assert!(policy_ids.len() >= 40, "reloads did not swap policy ids: {policy_ids:?}");
+    assert!(!sandbox.v4.saw("always.denied.test"));
+
+    // The last version written was v2 (40 reloads, even count ends on 2).
+    let check = |name: &str| {
+        Run::from(
+            daemon
+                .in_cgroup(&sandbox, &agent, &query(name))
+                .output()
+                .unwrap(),
+        )
+        .code
+    };
+    assert_eq!(check("x.v2.test"), 1);
+    assert_eq!(check("x.v1.test"), 0);
+
+    // A broken policy: refused, named with its line; v2 stays in force.
+    fs::write(
+        &policy_file,
+        "name: churn\ndeny:\n  - always.denied.test\n  - \"bad name.test\"\n",
+    )
+    .unwrap();
+    let reload = Run::from(daemon.admin(&["reload"]).output().unwrap());
+    assert_eq!(reload.code, 1, "{reload:?}");
+    assert!(
+        reload.stderr.contains(&format!("{}:4", policy_file.display())),
+        "{reload:?}"
+    );
+    assert!(reload.stderr.contains("bad name.test"), "{reload:?}");
+    assert!(reload.stderr.contains("previous policies stay in force"), "{reload:?}");
+    assert_eq!(check("y.v2.test"), 1);
+    assert_eq!(check("y.v1.test"), 0);
+    // Only the live policy's rules are loaded: old versions were removed.
+    assert_eq!(daemon.status()["rules_loaded"], 3);
+
+    // SIGHUP reloads too.
+    fs::write(&policy_file, version(1)).unwrap();
+    let pid = daemon.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || check("z.v1.test") == 1));
+    assert_eq!(check("z.v2.test"), 0);
+}
+
+#[test]
+fn the_socket_refuses_clients_that_are_not_root() {
+    let _sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let as_nobody = |args: &[&str]| {
+        let mut command = daemon.admin(args);
+        command.uid(65534).gid(65534);
+        Run::from(command.output().unwrap())
+    };
+    // The file modes keep others out...
+    let refused = as_nobody(&["status"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("Permission denied"), "{refused:?}");
+    // ...and with the modes opened up, the peer check still refuses.
+    fs::set_permissions(daemon.socket.parent().unwrap(), fs::Permissions::from_mode(0o755))
+        .unwrap();
+    fs::set_permissions(&daemon.socket, fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions(daemon.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = as_nobody(&["status"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("guard's API is for root only (you are uid 65534)"),
+        "{refused:?}"
+    );
+    let refused = as_nobody(&["reload"]);
+    assert!(refused.stderr.contains("root only"), "{refused:?}");
+    assert!(daemon.log().contains("refused a client that is not root"));
+    // Root still gets in.
+    assert_eq!(daemon.status()["pid"], daemon.child.as_ref().unwrap().id());
+}
+
+/// 50 runs at once, each with its own deny list, through one daemon: each
+/// blocks its own name and nobody else's.
+#[test]
+fn fifty_concurrent_runs_do_not_see_each_others_policies() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let mut children = Vec::new();
+    for i in 0..50 {
+        let mine = format!("run{i}.test");
+        let neighbour = format!("run{}.test", (i + 1) % 50);
+        let script = format!(
+            "{q} 127.0.0.1:53 {mine}; echo mine=$?; {q} 127.0.0.1:53 {neighbour}; echo neighbour=$?",
+            q = format!("{} --timeout 3", dns_query())
+        );
+        let report_path = sandbox.path(&format!("report{i}.json"));
+        let child = daemon
+            .guard(
+                &sandbox,
+                &[
+                    "run",
+                    "--quiet",
+                    "--deny",
+                    &mine,
+                    "--report",
+                    report_path.to_str().unwrap(),
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((i, child, report_path));
+    }
+    let runs_dir = daemon.cgroups.join("runs");
+    for (i, child, report_path) in children {
+        let run = Run::from(child.wait_with_output().unwrap());
+        assert_eq!(run.code, 77, "run {i}: {run:?}");
+        assert!(run.stdout.contains("mine=1"), "run {i}: {run:?}");
+        assert!(run.stdout.contains("neighbour=0"), "run {i}: {run:?}");
+        let report = report(&report_path);
+        assert!(report["cgroup"]
+            .as_str()
+            .unwrap()
+            .starts_with(runs_dir.to_str().unwrap()));
+        let events = report["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "run {i}: {report:#}");
+        assert_eq!(events[0]["name"], format!("run{i}.test"));
+        assert_eq!(report["counters"]["blocked"], 1);
+        assert_eq!(report["counters"]["inspected"], 2);
+    }
+    for i in 0..50 {
+        assert!(!sandbox.v4.saw(&format!("run{i}.test")) || {
+            // Every name is some neighbour's: it must have been answered
+            // for exactly that neighbour (one query), never for its owner.
+            sandbox
+                .v4
+                .seen()
+                .iter()
+                .filter(|q| q.name == format!("run{i}.test"))
+                .count()
+                == 1
+        });
+    }
+}
+
+/// 1,000 short runs in a row leave no cgroup, map entry or link behind.
+#[test]
+fn a_thousand_short_runs_leave_nothing_behind() {
+    let _sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+    );
+    daemon.cgroup("agent");
+    assert!(eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
+        ["cgroup"]
+        .is_string()));
+    let count = |pinned: &Pinned| {
+        (
+            pinned.bindings().unwrap().len(),
+            pinned.rule_count().unwrap(),
+            pinned.all_policy_counters().unwrap().len(),
+            pinned.attached_cgroups().len(),
+        )
+    };
+    let before = count(&daemon.pinned());
+    assert_eq!(before, (1, 2, 1, 2), "one binding (2 rules), runs + agent links");
+    // Each run has its own policy, so each writes rules and a binding.
+    let policy = daemon.dir.path().join("policies/frontend.yaml");
+    let script = "i=0; while [ $i -lt 1000 ]; do \"$0\" run --quiet -p \"$1\" --deny \"short-$i.test\" -- true || exit 1; i=$((i+1)); done";
+    let output = Command::new("sh")
+        .args(["-c", script, GUARD, policy.to_str().unwrap()])
+        .env("GUARD_SOCKET", &daemon.socket)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}\n{}", daemon.log());
+    assert!(eventually(Duration::from_secs(10), || count(&daemon.pinned())
+        == before));
+    let runs: Vec<_> = fs::read_dir(daemon.cgroups.join("runs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.path())
+        .collect();
+    assert!(runs.is_empty(), "run cgroups left: {runs:?}");
+    let status = daemon.status();
+    assert_eq!(status["bindings"].as_array().unwrap().len(), 1);
+    // The metrics kept counting across the runs that are gone.
+    let log = daemon.log();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// `guard events --follow` streams, the metrics count per policy, the log
+/// has one structured record per blocked lookup (JSON lines).
+#[test]
+fn events_metrics_and_logs_report_blocked_lookups() {
+    let sandbox = Sandbox::new();
+    let port = 19000 + (std::process::id() % 1000) as u16;
+    let daemon = TestDaemon::start(
+        &[FRONTEND],
+        &format!("  - unit: guard-test-agent.service\n    policies: [frontend]\nmetrics_address: 127.0.0.1:{port}\n"),
+    );
+    // A "unit": the daemon finds it by name in the cgroup tree.
+    let unit = daemon.cgroup("system.slice/guard-test-agent.service");
+    assert!(
+        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]["cgroup"]
+            == unit.to_str().unwrap()),
+        "{:#}",
+        daemon.status()
+    );
+    let mut follow = daemon
+        .admin(&["events", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    std::thread::sleep(Duration::from_millis(300));
+    let blocked = Run::from(
+        daemon
+            .in_cgroup(&sandbox, &unit, &query("live.frontend.test"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(blocked.code, 1, "{blocked:?}");
+    let line = lines.next().expect("an event line").unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["name"], "live.frontend.test");
+    assert_eq!(event["verdict"], "blocked");
+    assert_eq!(event["binding"], "unit");
+    assert_eq!(event["policy"], "frontend");
+    assert_eq!(event["guarded"], "guard-test-agent.service");
+    assert_eq!(event["rule"]["pattern"], "*.frontend.test");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    let text = Run::from(daemon.admin(&["events"]).output().unwrap());
+    assert!(
+        text.stdout.contains("BLOCKED A live.frontend.test (unit guard-test-agent.service, policy frontend) [deny *.frontend.test]"),
+        "{text:?}"
+    );
+
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("guard_dns_queries_blocked_total{binding=\"unit\",policy=\"frontend\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("guard_dns_queries_inspected_total{binding=\"unit\",policy=\"frontend\"} 1\n"));
+
+    let log = daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains("DNS lookup blocked")
+            && l.contains("name=live.frontend.test")
+            && l.contains("policy=\"frontend\"")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("policies")).unwrap();
+    fs::write(dir.path().join("policies").join(FRONTEND.0), FRONTEND.1).unwrap();
+    let config = dir.path().join("daemon.yaml");
+    fs::write(
+        &config,
+        "bindings:\n  - unit: deploy-agent.service\n    policies: [frontend, nope]\n",
+    )
+    .unwrap();
+    let run = Run::from(
+        Command::new(GUARD)
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("{}:3: binding 1 (deploy-agent.service): unknown policy \"nope\"", config.display())),
+        "{run:?}"
+    );
+}

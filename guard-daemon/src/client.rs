@@ -60,10 +60,10 @@ pub fn start_run(socket: &Path, request: &RunRequest) -> Result<Started> {
         Err(e) => return Err(unreachable_daemon(socket, e)),
     };
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    api::write_frame_blocking(&mut stream, &Frame::json(&Request::Run(request.clone())))
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    let reply: Reply =
-        api::read_json_blocking(&mut stream).map_err(|e| unreachable_daemon(socket, e))?;
+    let written =
+        api::write_frame_blocking(&mut stream, &Frame::json(&Request::Run(request.clone())));
+    let reply: Reply = api::read_json_blocking(&mut stream)
+        .map_err(|e| unreachable_daemon(socket, written.err().unwrap_or(e)))?;
     let _ = stream.set_read_timeout(None);
     match reply {
         Reply::RunStarted { cgroup, policy_id } => Ok(Started::Daemon(RunSession {
@@ -204,7 +204,7 @@ impl RunSession {
                     Some(Incoming::Lost) => eprintln!(
                         "guard: lost the connection to the guard daemon; waiting for it to finish the run"
                     ),
-                    Some(Incoming::Resumed) => {}
+                    Some(Incoming::Resumed) => eprintln!("guard: reconnected to the guard daemon"),
                     Some(Incoming::Failed(message)) => return Err(Error::Daemon(message)),
                     None => return Err(Error::Daemon("the connection ended".into())),
                 }
@@ -311,9 +311,13 @@ async fn connection_task(
 fn ask(socket: &Path, request: &Request) -> Result<Reply> {
     let mut stream = StdUnixStream::connect(socket).map_err(|e| unreachable_daemon(socket, e))?;
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    api::write_frame_blocking(&mut stream, &Frame::json(request))
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    api::read_json_blocking(&mut stream).map_err(|e| unreachable_daemon(socket, e))
+    // A refusal may arrive before the request is fully written: read the
+    // reply even when the write failed.
+    let written = api::write_frame_blocking(&mut stream, &Frame::json(request));
+    match api::read_json_blocking(&mut stream) {
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(unreachable_daemon(socket, written.err().unwrap_or(e))),
+    }
 }
 
 /// `guard status`.

@@ -686,9 +686,8 @@ pub fn generation(options: &LoadOptions<'_>) -> String {
 pub fn ensure_bpffs(root: &Path) -> Result<()> {
     const BPFFS_MAGIC: i64 = 0xcafe_4a11;
     let base = Path::new("/sys/fs/bpf");
-    let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPFFS_MAGIC)
-    };
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPFFS_MAGIC);
     let mut probe = root.to_path_buf();
     while !probe.exists() {
         if !probe.pop() {

@@ -153,7 +153,13 @@ pub fn run(options: RunOptions) -> i32 {
             Ok(backend) => backend,
             Err(e) => return setup_failed(&options, &e),
         };
-        supervise(options, policies, rules, Backend::Standalone(Box::new(backend))).await
+        supervise(
+            options,
+            policies,
+            rules,
+            Backend::Standalone(Box::new(backend)),
+        )
+        .await
     })
 }
 

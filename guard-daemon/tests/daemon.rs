@@ -84,8 +84,8 @@ impl TestDaemon {
     /// Starts the daemon process and waits until it answers.
     fn spawn(&mut self) {
         self.starts += 1;
-        let log = fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts)))
-            .unwrap();
+        let log =
+            fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts))).unwrap();
         let child = Command::new(GUARD)
             .args(["daemon", "--config"])
             .arg(&self.config)
@@ -97,7 +97,9 @@ impl TestDaemon {
             .expect("starting guard daemon");
         self.child = Some(child);
         let ready = eventually(Duration::from_secs(30), || {
-            self.admin(&["status"]).output().is_ok_and(|o| o.status.success())
+            self.admin(&["status"])
+                .output()
+                .is_ok_and(|o| o.status.success())
         });
         assert!(ready, "the daemon did not become ready:\n{}", self.log());
     }
@@ -176,7 +178,11 @@ impl Drop for TestDaemon {
         if !std::thread::panicking() {
             let uninstall = uninstall.expect("guard daemon --uninstall");
             assert!(uninstall.status.success(), "{uninstall:?}");
-            assert!(!self.pin_root.exists(), "uninstall left {}", self.pin_root.display());
+            assert!(
+                !self.pin_root.exists(),
+                "uninstall left {}",
+                self.pin_root.display()
+            );
         }
     }
 }
@@ -242,7 +248,14 @@ fn a_run_through_the_daemon_behaves_like_a_standalone_run() {
         .as_str()
         .unwrap()
         .starts_with(runs_dir.to_str().unwrap()));
-    for key in ["exit_code", "command_exit", "counters", "events_lost", "mode", "policies"] {
+    for key in [
+        "exit_code",
+        "command_exit",
+        "counters",
+        "events_lost",
+        "mode",
+        "policies",
+    ] {
         assert_eq!(via_daemon[key], standalone[key], "{key} differs");
     }
     let summary = |r: &serde_json::Value| -> Vec<(String, String, String, String)> {
@@ -284,7 +297,8 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
     let agent = daemon.cgroup("agent");
     // Give the daemon a moment to see the new cgroup and bind it.
     assert!(
-        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]["cgroup"]
+        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
+            ["cgroup"]
             .is_string()),
         "{}",
         daemon.log()
@@ -345,14 +359,18 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
             .unwrap(),
     );
     assert_eq!(allowed.code, 0, "{allowed:?}");
-    // Wait for the run's lookup to have happened (refused) while down.
-    assert!(eventually(Duration::from_secs(10), || {
-        fs::read_dir(daemon.cgroups.join("runs"))
-            .map(|d| d.count() == 1)
-            .unwrap_or(false)
-            && !sandbox.v4.saw("during.frontend.test")
-    }));
+    // The run's lookup happens (and is refused) while the daemon is down;
+    // the run's cgroup stays, with the command in it.
+    let runs_dir = daemon.cgroups.join("runs");
+    let runs_now = || {
+        fs::read_dir(&runs_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .count()
+    };
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(runs_now(), 1);
     assert!(!sandbox.v4.saw("during.frontend.test"));
     assert!(!sandbox.v4.saw("bound.frontend.test"));
 
@@ -363,7 +381,10 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
     assert_eq!(run.code, 77, "{run:?}\n{}", daemon.log());
     assert!(run.stdout.contains("during=1"), "{run:?}");
     assert!(run.stdout.contains("after=1"), "{run:?}");
-    assert!(run.stderr.contains("reconnected to the guard daemon"), "{run:?}");
+    assert!(
+        run.stderr.contains("reconnected to the guard daemon"),
+        "{run:?}"
+    );
     let report = report(&report_path);
     let names: HashSet<&str> = report["events"]
         .as_array()
@@ -411,8 +432,8 @@ fn reload_swaps_policies_atomically_and_refuses_bad_ones() {
         "  - cgroup: @CG@/agent\n    policies: [churn]\n",
     );
     let agent = daemon.cgroup("agent");
-    assert!(eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
-        ["cgroup"]
+    assert!(eventually(Duration::from_secs(10), || daemon.status()
+        ["bindings"][0]["cgroup"]
         .is_string()));
     // A client in the bound cgroup: 400 rounds of a denied and an allowed
     // name, counting wrong verdicts itself.
@@ -424,11 +445,7 @@ fn reload_swaps_policies_atomically_and_refuses_bad_ones() {
         q = format!("{} --timeout 2", dns_query())
     );
     let client = daemon
-        .in_cgroup(
-            &sandbox,
-            &agent,
-            &["sh".into(), "-c".into(), script],
-        )
+        .in_cgroup(&sandbox, &agent, &["sh".into(), "-c".into(), script])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -439,14 +456,21 @@ fn reload_swaps_policies_atomically_and_refuses_bad_ones() {
         fs::write(&policy_file, version(reloads % 2 + 1)).unwrap();
         let reload = daemon.admin(&["reload"]).output().unwrap();
         assert!(reload.status.success(), "{reload:?}");
-        policy_ids.insert(daemon.status()["bindings"][0]["policy_id"].as_u64().unwrap());
+        policy_ids.insert(
+            daemon.status()["bindings"][0]["policy_id"]
+                .as_u64()
+                .unwrap(),
+        );
         reloads += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
     let output = client.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("wrong=0"), "{stdout}");
-    assert!(policy_ids.len() >= 40, "reloads did not swap policy ids: {policy_ids:?}");
+    assert!(
+        policy_ids.len() >= 40,
+        "reloads did not swap policy ids: {policy_ids:?}"
+    );
     assert!(!sandbox.v4.saw("always.denied.test"));
 
     // The last version written was v2 (40 reloads, even count ends on 2).
@@ -471,11 +495,16 @@ fn reload_swaps_policies_atomically_and_refuses_bad_ones() {
     let reload = Run::from(daemon.admin(&["reload"]).output().unwrap());
     assert_eq!(reload.code, 1, "{reload:?}");
     assert!(
-        reload.stderr.contains(&format!("{}:4", policy_file.display())),
+        reload
+            .stderr
+            .contains(&format!("{}:4", policy_file.display())),
         "{reload:?}"
     );
     assert!(reload.stderr.contains("bad name.test"), "{reload:?}");
-    assert!(reload.stderr.contains("previous policies stay in force"), "{reload:?}");
+    assert!(
+        reload.stderr.contains("previous policies stay in force"),
+        "{reload:?}"
+    );
     assert_eq!(check("y.v2.test"), 1);
     assert_eq!(check("y.v1.test"), 0);
     // Only the live policy's rules are loaded: old versions were removed.
@@ -507,14 +536,19 @@ fn the_socket_refuses_clients_that_are_not_root() {
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(refused.stderr.contains("Permission denied"), "{refused:?}");
     // ...and with the modes opened up, the peer check still refuses.
-    fs::set_permissions(daemon.socket.parent().unwrap(), fs::Permissions::from_mode(0o755))
-        .unwrap();
+    fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     fs::set_permissions(&daemon.socket, fs::Permissions::from_mode(0o666)).unwrap();
     fs::set_permissions(daemon.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let refused = as_nobody(&["status"]);
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(
-        refused.stderr.contains("guard's API is for root only (you are uid 65534)"),
+        refused
+            .stderr
+            .contains("guard's API is for root only (you are uid 65534)"),
         "{refused:?}"
     );
     let refused = as_nobody(&["reload"]);
@@ -579,17 +613,19 @@ fn fifty_concurrent_runs_do_not_see_each_others_policies() {
         assert_eq!(report["counters"]["inspected"], 2);
     }
     for i in 0..50 {
-        assert!(!sandbox.v4.saw(&format!("run{i}.test")) || {
-            // Every name is some neighbour's: it must have been answered
-            // for exactly that neighbour (one query), never for its owner.
-            sandbox
-                .v4
-                .seen()
-                .iter()
-                .filter(|q| q.name == format!("run{i}.test"))
-                .count()
-                == 1
-        });
+        assert!(
+            !sandbox.v4.saw(&format!("run{i}.test")) || {
+                // Every name is some neighbour's: it must have been answered
+                // for exactly that neighbour (one query), never for its owner.
+                sandbox
+                    .v4
+                    .seen()
+                    .iter()
+                    .filter(|q| q.name == format!("run{i}.test"))
+                    .count()
+                    == 1
+            }
+        );
     }
 }
 
@@ -602,8 +638,8 @@ fn a_thousand_short_runs_leave_nothing_behind() {
         "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
     );
     daemon.cgroup("agent");
-    assert!(eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
-        ["cgroup"]
+    assert!(eventually(Duration::from_secs(10), || daemon.status()
+        ["bindings"][0]["cgroup"]
         .is_string()));
     let count = |pinned: &Pinned| {
         (
@@ -614,7 +650,11 @@ fn a_thousand_short_runs_leave_nothing_behind() {
         )
     };
     let before = count(&daemon.pinned());
-    assert_eq!(before, (1, 2, 1, 2), "one binding (2 rules), runs + agent links");
+    assert_eq!(
+        before,
+        (1, 2, 1, 2),
+        "one binding (2 rules), runs + agent links"
+    );
     // Each run has its own policy, so each writes rules and a binding.
     let policy = daemon.dir.path().join("policies/frontend.yaml");
     let script = "i=0; while [ $i -lt 1000 ]; do \"$0\" run --quiet -p \"$1\" --deny \"short-$i.test\" -- true || exit 1; i=$((i+1)); done";
@@ -624,8 +664,9 @@ fn a_thousand_short_runs_leave_nothing_behind() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}\n{}", daemon.log());
-    assert!(eventually(Duration::from_secs(10), || count(&daemon.pinned())
-        == before));
+    assert!(eventually(Duration::from_secs(10), || count(
+        &daemon.pinned()
+    ) == before));
     let runs: Vec<_> = fs::read_dir(daemon.cgroups.join("runs"))
         .unwrap()
         .flatten()
@@ -653,7 +694,8 @@ fn events_metrics_and_logs_report_blocked_lookups() {
     // A "unit": the daemon finds it by name in the cgroup tree.
     let unit = daemon.cgroup("system.slice/guard-test-agent.service");
     assert!(
-        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]["cgroup"]
+        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
+            ["cgroup"]
             == unit.to_str().unwrap()),
         "{:#}",
         daemon.status()
@@ -697,10 +739,12 @@ fn events_metrics_and_logs_report_blocked_lookups() {
     stream.read_to_string(&mut metrics).unwrap();
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(
-        metrics.contains("guard_dns_queries_blocked_total{binding=\"unit\",policy=\"frontend\"} 1\n"),
+        metrics
+            .contains("guard_dns_queries_blocked_total{binding=\"unit\",policy=\"frontend\"} 1\n"),
         "{metrics}"
     );
-    assert!(metrics.contains("guard_dns_queries_inspected_total{binding=\"unit\",policy=\"frontend\"} 1\n"));
+    assert!(metrics
+        .contains("guard_dns_queries_inspected_total{binding=\"unit\",policy=\"frontend\"} 1\n"));
 
     let log = daemon.log();
     assert!(
@@ -731,8 +775,10 @@ fn a_bad_configuration_is_refused_with_file_and_line() {
     );
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
-        run.stderr
-            .contains(&format!("{}:3: binding 1 (deploy-agent.service): unknown policy \"nope\"", config.display())),
+        run.stderr.contains(&format!(
+            "{}:3: binding 1 (deploy-agent.service): unknown policy \"nope\"",
+            config.display()
+        )),
         "{run:?}"
     );
 }

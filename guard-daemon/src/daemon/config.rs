@@ -144,13 +144,15 @@ impl Config {
         for (index, binding) in file.bindings.iter().enumerate() {
             let target = match (&binding.unit, &binding.cgroup) {
                 (Some(unit), None) if valid_unit_name(unit) => Target::Unit(unit.clone()),
-                (Some(unit), None) => return Err(invalid(
-                    unit,
-                    format!(
+                (Some(unit), None) => {
+                    return Err(invalid(
+                        unit,
+                        format!(
                         "binding {}: unit {unit:?} is not a unit name (e.g. deploy-agent.service)",
                         index + 1
                     ),
-                )),
+                    ))
+                }
                 (None, Some(cgroup)) => {
                     let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
                     if relative.as_os_str().is_empty()

@@ -258,7 +258,7 @@ async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, Uni
     let ring = kernel.take_events()?;
 
     let runs_root = runs_root(&config, &hierarchy)?;
-    match fs::create_dir(&runs_root) {
+    match fs::create_dir_all(&runs_root) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => {
@@ -434,20 +434,18 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 async fn connection(stream: UnixStream, tx: mpsc::Sender<Msg>, token: u64) {
     let credentials = stream.peer_cred();
     let (mut reader, mut writer) = stream.into_split();
+    // Read the request first, so that a refusal is read as a reply rather
+    // than lost in a reset connection.
+    let request = api::read_json::<_, Request>(&mut reader).await;
     let peer = match credentials {
         Ok(c) if c.uid() == 0 => c,
         Ok(c) => {
             tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused a client that is not root");
-            let _ = api::write_frame(
-                &mut writer,
-                &Frame::json(&Reply::Error {
-                    message: format!(
-                        "permission denied: guard's API is for root only (you are uid {})",
-                        c.uid()
-                    ),
-                }),
-            )
-            .await;
+            let message = format!(
+                "permission denied: guard's API is for root only (you are uid {})",
+                c.uid()
+            );
+            refuse(&mut writer, message).await;
             return;
         }
         Err(e) => {
@@ -455,17 +453,11 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Msg>, token: u64) {
             return;
         }
     };
-    let request: Request = match api::read_json(&mut reader).await {
+    let request: Request = match request {
         Ok(Some(request)) => request,
         Ok(None) => return,
         Err(e) => {
-            let _ = api::write_frame(
-                &mut writer,
-                &Frame::json(&Reply::Error {
-                    message: format!("bad request: {e}"),
-                }),
-            )
-            .await;
+            refuse(&mut writer, format!("bad request: {e}")).await;
             return;
         }
     };
@@ -541,6 +533,10 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Msg>, token: u64) {
             .await;
         }
     }
+}
+
+async fn refuse(writer: &mut tokio::net::unix::OwnedWriteHalf, message: String) {
+    let _ = api::write_frame(writer, &Frame::json(&Reply::Error { message })).await;
 }
 
 /// A `guard run` client's connection: events out, `finish` in.
@@ -1137,6 +1133,23 @@ impl Daemon {
     /// passes it to `guard events`.
     fn on_query(&mut self, query: &crate::events::DnsQuery) {
         let info = self.policies.get(&query.policy_id);
+        // A `guard run` client ends its own blocked sockets; for bound
+        // cgroups the daemon does, so the asker fails at once instead of
+        // waiting for its timeout.
+        if query.verdict.dropped() && info.is_some_and(|i| i.kind != "run") {
+            let protocol = match query.transport {
+                crate::events::Transport::Tcp => crate::sockdiag::Protocol::Tcp,
+                crate::events::Transport::Udp => crate::sockdiag::Protocol::Udp,
+            };
+            if let Err(e) = crate::sockdiag::destroy(
+                protocol,
+                query.source,
+                query.resolver,
+                query.socket_cookie,
+            ) {
+                tracing::debug!(error = %e, "could not end a blocked query's socket");
+            }
+        }
         let rules = info.map_or(&self.empty_rules, |i| &i.rules);
         let record = EventRecord::new(query, self.procs.chain(query.pid), rules, &self.clock);
         let (kind, label, target) = info.map_or(("unknown", "", ""), |i| {

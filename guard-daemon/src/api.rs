@@ -163,10 +163,17 @@ pub enum Request {
     Resume {
         cgroup: PathBuf,
         policy_id: u32,
+        /// The original request, so the daemon can name the run's rules
+        /// again.
+        run: Box<RunRequest>,
     },
     /// The command has exited: kill what is left in the cgroup, send the
     /// last events and the counters, remove everything of the run.
     Finish,
+    /// Make sure the cgroup of the asking process is guarded now (binding
+    /// it at once if the configuration binds it); for `ExecStartPre=` of a
+    /// bound unit, so the unit's main process never runs unguarded.
+    EnsureGuarded,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,6 +214,10 @@ pub enum Reply {
     Event(Box<serde_json::Value>),
     /// End of the backlog in `guard events` (live events follow if asked).
     Backlog,
+    Guarded {
+        cgroup: PathBuf,
+        policies: Vec<String>,
+    },
 }
 
 /// What a finished run's report needs from the kernel.

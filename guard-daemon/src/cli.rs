@@ -67,6 +67,10 @@ enum Command {
     /// Make the daemon re-read its configuration and policies. An invalid
     /// configuration is refused and the running one stays in force.
     Reload,
+    /// Exit 0 once the daemon guards the cgroup this command runs in, 1
+    /// otherwise. Put it in `ExecStartPre=` of a bound unit: the unit then
+    /// cannot start unguarded (see the README).
+    EnsureGuarded,
     /// Print the daemon's recent DNS events (blocked, audited, recorded).
     Events {
         /// Keep printing new events as they happen.
@@ -242,6 +246,7 @@ pub fn main() -> i32 {
         }),
         Command::Status { json } => crate::client::status(json),
         Command::Reload => crate::client::reload(),
+        Command::EnsureGuarded => crate::client::ensure_guarded(),
         Command::Events { follow, json } => crate::client::events(follow, json),
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),

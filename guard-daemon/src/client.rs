@@ -67,6 +67,7 @@ pub fn start_run(socket: &Path, request: &RunRequest) -> Result<Started> {
     let _ = stream.set_read_timeout(None);
     match reply {
         Reply::RunStarted { cgroup, policy_id } => Ok(Started::Daemon(RunSession {
+            request: request.clone(),
             socket: socket.to_owned(),
             cgroup,
             policy_id,
@@ -90,6 +91,7 @@ fn unreachable_daemon(socket: &Path, error: io::Error) -> Error {
 /// [`RunSession::finish`] closes the connection, and the daemon ends the
 /// run (kills what is in the cgroup and removes it).
 pub struct RunSession {
+    request: RunRequest,
     socket: PathBuf,
     cgroup: PathBuf,
     policy_id: u32,
@@ -118,6 +120,14 @@ impl RunSession {
         &self.cgroup
     }
 
+    fn resume_request(&self) -> Request {
+        Request::Resume {
+            cgroup: self.cgroup.clone(),
+            policy_id: self.policy_id,
+            run: Box::new(self.request.clone()),
+        }
+    }
+
     /// Starts the task that reads the connection (inside the runtime).
     fn link(&mut self) -> &mut Link {
         if self.link.is_none() {
@@ -139,9 +149,8 @@ impl RunSession {
                         tx,
                         writer.clone(),
                         finishing.clone(),
+                        self.resume_request(),
                         self.socket.clone(),
-                        self.cgroup.clone(),
-                        self.policy_id,
                     ));
                 }
                 None => {
@@ -150,9 +159,8 @@ impl RunSession {
                         tx,
                         writer.clone(),
                         finishing.clone(),
+                        self.resume_request(),
                         self.socket.clone(),
-                        self.cgroup.clone(),
-                        self.policy_id,
                     ));
                 }
             }
@@ -231,9 +239,8 @@ async fn connection_task(
     tx: mpsc::Sender<Incoming>,
     writer: Arc<Mutex<Option<OwnedWriteHalf>>>,
     finishing: Arc<AtomicBool>,
+    resume: Request,
     socket: PathBuf,
-    cgroup: PathBuf,
-    policy_id: u32,
 ) {
     loop {
         if let Some(read_half) = reader.as_mut() {
@@ -276,10 +283,6 @@ async fn connection_task(
             continue;
         };
         let (mut read_half, mut write_half) = stream.into_split();
-        let resume = Request::Resume {
-            cgroup: cgroup.clone(),
-            policy_id,
-        };
         if api::write_frame(&mut write_half, &Frame::json(&resume))
             .await
             .is_err()
@@ -320,11 +323,30 @@ fn ask(socket: &Path, request: &Request) -> Result<Reply> {
     }
 }
 
+/// Sends one admin request and turns the reply into an exit status:
+/// `handle` takes the expected reply (anything else is reported as
+/// unexpected); a refusal is printed after `refused`.
+fn admin(request: Request, refused: &str, handle: impl FnOnce(Reply) -> Result<i32, Reply>) -> i32 {
+    match ask(&api::socket_path(), &request) {
+        Ok(Reply::Error { message }) => {
+            eprintln!("guard: {refused}{message}");
+            1
+        }
+        Ok(reply) => handle(reply).unwrap_or_else(|other| {
+            eprintln!("guard: unexpected reply {other:?}");
+            1
+        }),
+        Err(e) => {
+            eprintln!("guard: {e}");
+            1
+        }
+    }
+}
+
 /// `guard status`.
 pub fn status(json: bool) -> i32 {
-    let socket = api::socket_path();
-    match ask(&socket, &Request::Status) {
-        Ok(Reply::Status(status)) => {
+    admin(Request::Status, "", |reply| match reply {
+        Reply::Status(status) => {
             if json {
                 println!(
                     "{}",
@@ -333,21 +355,10 @@ pub fn status(json: bool) -> i32 {
             } else {
                 print!("{}", status_text(&status));
             }
-            0
+            Ok(0)
         }
-        Ok(Reply::Error { message }) => {
-            eprintln!("guard: {message}");
-            1
-        }
-        Ok(other) => {
-            eprintln!("guard: unexpected reply {other:?}");
-            1
-        }
-        Err(e) => {
-            eprintln!("guard: {e}");
-            1
-        }
-    }
+        other => Err(other),
+    })
 }
 
 fn status_text(status: &Status) -> String {
@@ -404,27 +415,35 @@ fn status_text(status: &Status) -> String {
     out
 }
 
+/// `guard ensure-guarded`: exit 0 once the daemon guards this process's
+/// cgroup, 1 otherwise (so an `ExecStartPre=` fails the unit's start).
+pub fn ensure_guarded() -> i32 {
+    admin(Request::EnsureGuarded, "", |reply| match reply {
+        Reply::Guarded { cgroup, policies } => {
+            println!(
+                "guard: {} is guarded ({})",
+                cgroup.display(),
+                policies.join(", ")
+            );
+            Ok(0)
+        }
+        other => Err(other),
+    })
+}
+
 /// `guard reload`.
 pub fn reload() -> i32 {
-    let socket = api::socket_path();
-    match ask(&socket, &Request::Reload) {
-        Ok(Reply::Reloaded { message }) => {
-            println!("guard: {message}");
-            0
-        }
-        Ok(Reply::Error { message }) => {
-            eprintln!("guard: reload refused, the previous policies stay in force: {message}");
-            1
-        }
-        Ok(other) => {
-            eprintln!("guard: unexpected reply {other:?}");
-            1
-        }
-        Err(e) => {
-            eprintln!("guard: {e}");
-            1
-        }
-    }
+    admin(
+        Request::Reload,
+        "reload refused, the previous policies stay in force: ",
+        |reply| match reply {
+            Reply::Reloaded { message } => {
+                println!("guard: {message}");
+                Ok(0)
+            }
+            other => Err(other),
+        },
+    )
 }
 
 /// `guard events`: recent events, then (with `follow`) new ones as they

@@ -375,6 +375,17 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
     assert!(!sandbox.v4.saw("bound.frontend.test"));
 
     daemon.spawn();
+    // The client reconnects, and the daemon names the adopted run's
+    // policy again from the resumed request.
+    assert!(
+        eventually(Duration::from_secs(10), || daemon.status()["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["kind"] == "run" && b["policies"][0] == "command-line")),
+        "{:#}",
+        daemon.status()
+    );
     fs::write(step(2), "").unwrap();
     let output = run.wait_with_output().unwrap();
     let run = Run::from(output);
@@ -413,7 +424,21 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
         let events = daemon.admin(&["events", "--json"]).output().unwrap();
         String::from_utf8_lossy(&events.stdout).contains("again.frontend.test")
     }));
-    assert!(daemon.log().contains("adopted the pinned programs"));
+    let log = daemon.log();
+    assert!(log.contains("adopted the pinned programs"), "{log}");
+    // The blocks made while it was down are logged under their binding.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("name=bound.frontend.test") && l.contains("policy=\"frontend\"")),
+        "{log}"
+    );
+    // The resumed run's rules were named again for the daemon's own log.
+    assert!(
+        log.lines().any(|l| l.contains("name=after.frontend.test")
+            && l.contains("policy=\"command-line\"")
+            && l.contains("deny *.frontend.test")),
+        "{log}"
+    );
 }
 
 /// Reloading while lookups run: names denied in both policies are never
@@ -781,4 +806,79 @@ fn a_bad_configuration_is_refused_with_file_and_line() {
         )),
         "{run:?}"
     );
+}
+
+/// `guard ensure-guarded` as a bound unit's ExecStartPre: it returns once
+/// the unit's cgroup is guarded, so the main process never runs unguarded;
+/// in a cgroup nothing binds it fails.
+#[test]
+fn ensure_guarded_binds_a_starting_unit_at_once() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - unit: guard-test-ensure.service\n    policies: [frontend]\n",
+    );
+    let start_unit = |cgroup: &Path| {
+        let script = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!(
+                "{GUARD} ensure-guarded && exec {} --timeout 2 127.0.0.1:53 early.frontend.test",
+                dns_query()
+            ),
+        ];
+        let mut command = daemon.in_cgroup(&sandbox, cgroup, &script);
+        command.env("GUARD_SOCKET", &daemon.socket);
+        Run::from(command.output().unwrap())
+    };
+    // The unit's cgroup appears and its "ExecStartPre" runs at once,
+    // without waiting for the daemon's periodic scan.
+    let unit = daemon.cgroup("system.slice/guard-test-ensure.service");
+    let started = start_unit(&unit);
+    assert_eq!(started.code, 1, "{started:?}");
+    assert!(
+        started.stdout.contains("is guarded (frontend)"),
+        "{started:?}"
+    );
+    assert!(started.stdout.contains("error send"), "{started:?}");
+    assert!(!sandbox.v4.saw("early.frontend.test"));
+
+    let elsewhere = daemon.cgroup("system.slice/other.service");
+    let refused = start_unit(&elsewhere);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("is not guarded"), "{refused:?}");
+    assert!(!refused.stdout.contains("error send"), "{refused:?}");
+}
+
+/// The shipped unit file passes systemd's own checks, and the shipped
+/// configuration loads with the repository's policies.
+#[test]
+fn the_shipped_unit_and_configuration_are_valid() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unit = fs::read_to_string(repo.join("dist/guard.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("Delegate=yes"));
+    let unit_path = dir.path().join("guard.service");
+    fs::write(&unit_path, unit.replace("/usr/local/bin/guard", GUARD)).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+        .expect("systemd-analyze (cargo xtask setup installs systemd)");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let etc = dir.path().join("etc-guard");
+    fs::create_dir_all(etc.join("policies")).unwrap();
+    for entry in fs::read_dir(repo.join("policies")).unwrap().flatten() {
+        fs::copy(entry.path(), etc.join("policies").join(entry.file_name())).unwrap();
+    }
+    fs::copy(repo.join("dist/daemon.yaml"), etc.join("daemon.yaml")).unwrap();
+    let config = guard_daemon::daemon::config::Config::load(&etc.join("daemon.yaml"))
+        .expect("dist/daemon.yaml loads");
+    assert_eq!(config.bindings.len(), 1);
+    assert_eq!(config.socket, Path::new("/run/guard/guard.sock"));
 }

@@ -155,6 +155,8 @@ fn test_tools() -> Result<()> {
         ("ip", "iproute2"),
         ("unshare", "util-linux"),
         ("getent", "libc-bin"),
+        // Checks the shipped unit file.
+        ("systemd-analyze", "systemd"),
     ]
     .into_iter()
     .filter(|(tool, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])))

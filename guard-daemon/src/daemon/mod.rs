@@ -195,6 +195,7 @@ enum Msg {
     },
     Resume {
         cgroup: PathBuf,
+        run: Box<RunRequest>,
         token: u64,
         sink: mpsc::Sender<Frame>,
         reply: oneshot::Sender<Reply>,
@@ -219,6 +220,10 @@ enum Msg {
     Metrics {
         reply: oneshot::Sender<String>,
     },
+    EnsureGuarded {
+        pid: u32,
+        reply: oneshot::Sender<Reply>,
+    },
 }
 
 struct Daemon {
@@ -241,6 +246,9 @@ struct Daemon {
     subscribers: Vec<mpsc::Sender<Frame>>,
     started: Instant,
     empty_rules: Arc<RuleSet>,
+    /// Who the policy ids of a previous daemon belonged to, so the records
+    /// they left in the ring are logged under the right binding.
+    previous: HashMap<u32, PolicyInfo>,
 }
 
 async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, UnixListener)> {
@@ -305,9 +313,11 @@ async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, Uni
         subscribers: Vec::new(),
         started: Instant::now(),
         empty_rules,
+        previous: HashMap::new(),
         config,
     };
     daemon.adopt_runs(&bound);
+    daemon.remember_previous_bindings(&bound);
     let bindings = std::mem::take(&mut daemon.config.bindings);
     let active = daemon.install_bindings(bindings)?;
     daemon.switch_bindings(active);
@@ -512,16 +522,26 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Msg>, token: u64) {
             };
             run_session(msg, answer, frames, reader, writer, tx, token).await;
         }
-        Request::Resume { cgroup, .. } => {
+        Request::Resume { cgroup, run, .. } => {
             let (sink, frames) = mpsc::channel(CLIENT_QUEUE);
             let (reply, answer) = oneshot::channel();
             let msg = Msg::Resume {
                 cgroup,
+                run,
                 token,
                 sink,
                 reply,
             };
             run_session(msg, answer, frames, reader, writer, tx, token).await;
+        }
+        Request::EnsureGuarded => {
+            let pid = peer.pid().unwrap_or(0) as u32;
+            let (reply, answer) = oneshot::channel();
+            if tx.send(Msg::EnsureGuarded { pid, reply }).await.is_ok() {
+                if let Ok(reply) = answer.await {
+                    let _ = api::write_frame(&mut writer, &Frame::json(&reply)).await;
+                }
+            }
         }
         Request::Finish => {
             let _ = api::write_frame(
@@ -614,11 +634,12 @@ impl Daemon {
             }
             Msg::Resume {
                 cgroup,
+                run,
                 token,
                 sink,
                 reply,
             } => {
-                let _ = reply.send(self.resume_run(&cgroup, token, sink));
+                let _ = reply.send(self.resume_run(&cgroup, &run, token, sink));
             }
             Msg::Finish { policy_id } => self.finish_run(policy_id, ring, true),
             Msg::Detached { policy_id, token } => {
@@ -661,6 +682,9 @@ impl Daemon {
             }
             Msg::Metrics { reply } => {
                 let _ = reply.send(self.metrics());
+            }
+            Msg::EnsureGuarded { pid, reply } => {
+                let _ = reply.send(self.ensure_guarded(pid));
             }
         }
     }
@@ -865,6 +889,28 @@ impl Daemon {
         }
     }
 
+    /// Labels the policy ids the previous daemon bound to the cgroups that
+    /// this configuration binds (rules unknown: its records name no rule).
+    fn remember_previous_bindings(&mut self, bound: &[(u64, Binding)]) {
+        for config in &self.config.bindings {
+            let Some((_, id)) = self.resolve(&config.target) else {
+                continue;
+            };
+            if let Some((_, binding)) = bound.iter().find(|(cgroup, _)| *cgroup == id) {
+                self.previous.insert(
+                    binding.policy_id,
+                    PolicyInfo {
+                        kind: config.target.kind(),
+                        label: config.policies.join(","),
+                        target: config.target.name(),
+                        mode: config.mode,
+                        rules: self.empty_rules.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     /// Removes whatever the kernel maps hold that no binding or run owns
     /// (left by a crash between steps).
     fn collect_garbage(&mut self) -> Result<()> {
@@ -967,11 +1013,7 @@ impl Daemon {
             policy_id,
             PolicyInfo {
                 kind: "run",
-                label: policies
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                label: policy_label(&policies),
                 target: format!("guard run (pid {client_pid})"),
                 mode: if request.audit {
                     Mode::Audit
@@ -998,13 +1040,41 @@ impl Daemon {
         Ok((path, policy_id))
     }
 
-    fn resume_run(&mut self, cgroup: &Path, token: u64, sink: mpsc::Sender<Frame>) -> Reply {
+    fn resume_run(
+        &mut self,
+        cgroup: &Path,
+        run: &RunRequest,
+        token: u64,
+        sink: mpsc::Sender<Frame>,
+    ) -> Reply {
         let Some((policy_id, session)) = self.runs.iter_mut().find(|(_, s)| s.cgroup == cgroup)
         else {
             return Reply::Error {
                 message: format!("no run in {}", cgroup.display()),
             };
         };
+        // A run adopted after a restart: name its rules again (the same
+        // build compiles the same request to the same rules).
+        if session.rules.is_none() && run.object == loader::object_fingerprint() {
+            let compiled = run
+                .policies
+                .iter()
+                .map(|p| Policy::parse(&p.text, &p.path))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()
+                .and_then(|policies| {
+                    crate::run::compile(policies, &run.deny, &run.allow, run.audit).ok()
+                });
+            if let Some((policies, rules)) = compiled {
+                let rules = Arc::new(rules);
+                session.rules = Some(rules.clone());
+                if let Some(info) = self.policies.get_mut(policy_id) {
+                    info.label = policy_label(&policies);
+                    info.target = format!("guard run (pid {})", session.client_pid);
+                    info.rules = rules;
+                }
+            }
+        }
         for record in session.backlog.drain(..) {
             if sink.try_send(Frame::Event(record)).is_err() {
                 session.dropped += 1;
@@ -1132,7 +1202,10 @@ impl Daemon {
     /// Logs a reported query (one structured record per blocked call) and
     /// passes it to `guard events`.
     fn on_query(&mut self, query: &crate::events::DnsQuery) {
-        let info = self.policies.get(&query.policy_id);
+        let info = self
+            .policies
+            .get(&query.policy_id)
+            .or_else(|| self.previous.get(&query.policy_id));
         // A `guard run` client ends its own blocked sockets; for bound
         // cgroups the daemon does, so the asker fails at once instead of
         // waiting for its timeout.
@@ -1225,7 +1298,22 @@ impl Daemon {
             );
             self.finish_run(id, ring, false);
         }
-        // Bound units that started, stopped or restarted.
+        self.refresh_bindings();
+        // Run cgroups nobody owns (a crash between mkdir and the reply).
+        if let Ok(entries) = fs::read_dir(&self.runs_root) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if run_owner(&path).is_some() && !self.runs.values().any(|s| s.cgroup == path) {
+                    tracing::warn!(cgroup = %path.display(), "removing a run cgroup nobody owns");
+                    let _ = remove_cgroup_tree(&path);
+                }
+            }
+        }
+        self.subscribers.retain(|s| !s.is_closed());
+    }
+
+    /// Follows bound units and cgroups that started, stopped or restarted.
+    fn refresh_bindings(&mut self) {
         for index in 0..self.bindings.len() {
             let now = self.resolve(&self.bindings[index].config.target);
             let before = self.bindings[index].cgroup.clone();
@@ -1251,17 +1339,41 @@ impl Daemon {
                 }
             }
         }
-        // Run cgroups nobody owns (a crash between mkdir and the reply).
-        if let Ok(entries) = fs::read_dir(&self.runs_root) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if run_owner(&path).is_some() && !self.runs.values().any(|s| s.cgroup == path) {
-                    tracing::warn!(cgroup = %path.display(), "removing a run cgroup nobody owns");
-                    let _ = remove_cgroup_tree(&path);
-                }
-            }
+    }
+
+    /// `guard ensure-guarded`: is the asking process's cgroup guarded by a
+    /// configured binding (bound now if it just appeared)?
+    fn ensure_guarded(&mut self, pid: u32) -> Reply {
+        self.refresh_bindings();
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(|relative| self.hierarchy.mount.join(relative.trim_start_matches('/')))
+            });
+        let Some(cgroup) = cgroup else {
+            return Reply::Error {
+                message: format!("cannot read the cgroup of pid {pid}"),
+            };
+        };
+        match self.bindings.iter().find(|b| {
+            b.cgroup
+                .as_ref()
+                .is_some_and(|(path, _)| cgroup.starts_with(path))
+        }) {
+            Some(binding) => Reply::Guarded {
+                cgroup,
+                policies: binding.config.policies.clone(),
+            },
+            None => Reply::Error {
+                message: format!(
+                    "{} is not guarded: {} binds no unit or cgroup containing it",
+                    cgroup.display(),
+                    self.config.path.display()
+                ),
+            },
         }
-        self.subscribers.retain(|s| !s.is_closed());
     }
 
     /// Re-reads the configuration and policies and swaps them in. A config
@@ -1418,6 +1530,14 @@ impl ActiveBinding {
             label_mask: self.rules.label_mask(),
         }
     }
+}
+
+fn policy_label(policies: &[Policy]) -> String {
+    policies
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The pid of the `guard run` that owns a run cgroup, from its name.

@@ -183,8 +183,19 @@ impl Bench {
         ]
     }
 
+    /// `guard` for standalone rows: pointed at a socket where no daemon
+    /// listens, so a daemon on the host cannot change what is measured.
     fn guard(&self) -> Command {
-        Command::new(self.bin.join("guard"))
+        let mut command = Command::new(self.bin.join("guard"));
+        command.env("GUARD_SOCKET", self.dir.join("no-daemon.sock"));
+        command
+    }
+
+    /// `guard` as a client of the bench's own daemon.
+    fn guard_via_daemon(&self) -> Command {
+        let mut command = Command::new(self.bin.join("guard"));
+        command.env("GUARD_SOCKET", self.dir.join("daemon/guard.sock"));
+        command
     }
 
     fn tool(&self) -> String {
@@ -455,7 +466,68 @@ impl Bench {
             "footprint".into(),
             serde_json::json!({"guard_run_maxrss_kb": rss}),
         );
+
+        // 7. The daemon: start-up of a run through it, allowed lookups
+        // through it, and its memory.
+        let daemon = BenchDaemon::start(self)?;
+        let measured = self.daemon_rows(&daemon, &policy, plain, guarded, base_qps);
+        let stopped = daemon.stop();
+        let (daemon_md, daemon_json) = measured?;
+        stopped?;
+        md += &daemon_md;
+        all.insert("daemon".into(), daemon_json);
         Ok((md, all.into()))
+    }
+
+    fn daemon_rows(
+        &self,
+        daemon: &BenchDaemon,
+        policy: &Path,
+        plain: f64,
+        standalone: f64,
+        base_qps: f64,
+    ) -> Result<(String, serde_json::Value)> {
+        let mut md = String::new();
+        let via_daemon = self.times(self.sizes.startup_runs, || {
+            let mut c = self.guard_via_daemon();
+            c.args(["run", "-q", "--", "true"]);
+            c
+        })?;
+        let mut qps = Vec::new();
+        for _ in 0..self.sizes.rounds {
+            let (stdout, _) = self.output(
+                self.guard_via_daemon()
+                    .args(["run", "-q", "-p"])
+                    .arg(policy)
+                    .arg("--")
+                    .args(self.load_args()),
+            )?;
+            qps.push(json(&stdout)?["qps"].as_f64().unwrap_or(0.0));
+        }
+        let qps = median(&mut qps);
+        let (rss_kb, peak_kb) = daemon.memory_kb()?;
+        let _ = writeln!(
+            md,
+            "\n## Daemon\n\n`guard run` through a running `guard daemon` (programs already loaded; a run creates a cgroup and writes map entries). Start-up: median wall time of {} runs.\n\n| row | result |\n| --- | --- |\n| `guard run -- true` via daemon | {via_daemon:.1} ms |\n| `guard run -- true` standalone (above) | {standalone:.1} ms |\n| overhead over `true`, via daemon | {:.1} ms |\n| allowed QPS via daemon (median of {} rounds) | {qps:.0} (ratio to unguarded {:.3}) |\n| daemon RSS after the runs / peak | {:.1} / {:.1} MiB |",
+            self.sizes.startup_runs,
+            via_daemon - plain,
+            self.sizes.rounds,
+            qps / base_qps,
+            rss_kb as f64 / 1024.0,
+            peak_kb as f64 / 1024.0
+        );
+        Ok((
+            md,
+            serde_json::json!({
+                "guard_run_true_ms": via_daemon,
+                "guard_run_true_standalone_ms": standalone,
+                "overhead_ms": via_daemon - plain,
+                "allowed_qps": qps,
+                "ratio": qps / base_qps,
+                "rss_kb": rss_kb,
+                "peak_rss_kb": peak_kb,
+            }),
+        ))
     }
 
     /// (packets, ns per packet) of dns_egress for an allowed DNS load and for
@@ -534,6 +606,89 @@ impl Bench {
             }
         }
         Ok(median(&mut samples))
+    }
+}
+
+/// A `guard daemon` of the bench's own (socket, pins and cgroups of its
+/// own; uninstalled when stopped).
+struct BenchDaemon {
+    child: Child,
+    config: PathBuf,
+    guard: PathBuf,
+}
+
+impl BenchDaemon {
+    fn start(bench: &Bench) -> Result<BenchDaemon> {
+        let dir = bench.dir.join("daemon");
+        fs::create_dir_all(dir.join("policies"))?;
+        let config = dir.join("daemon.yaml");
+        fs::write(
+            &config,
+            format!(
+                "socket: {}\npin_dir: /sys/fs/bpf/guard-bench\nruns_cgroup: /guard-bench-runs\nbindings: []\n",
+                dir.join("guard.sock").display()
+            ),
+        )?;
+        let guard = bench.bin.join("guard");
+        let child = Command::new(&guard)
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("daemon.log"))?)
+            .spawn()
+            .context("starting guard daemon")?;
+        let daemon = BenchDaemon {
+            child,
+            config,
+            guard,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !bench
+            .guard_via_daemon()
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success()
+        {
+            if Instant::now() > deadline {
+                let _ = daemon.stop();
+                bail!(
+                    "guard daemon did not start; see {}",
+                    dir.join("daemon.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
+    }
+
+    /// (resident, peak resident) memory of the daemon process.
+    fn memory_kb(&self) -> Result<(u64, u64)> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let status = Command::new(&self.guard)
+            .args(["daemon", "--uninstall", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("guard daemon --uninstall failed");
+        }
+        Ok(())
     }
 }
 

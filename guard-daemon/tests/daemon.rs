@@ -882,3 +882,70 @@ fn the_shipped_unit_and_configuration_are_valid() {
     assert_eq!(config.bindings.len(), 1);
     assert_eq!(config.socket, Path::new("/run/guard/guard.sock"));
 }
+
+/// An upgrade (here: a restart whose programs differ, forced by another
+/// ring-buffer size) pins a new generation and removes the old one without
+/// a moment in which a bound cgroup's denied lookup gets through.
+#[test]
+fn a_new_generation_replaces_the_old_without_a_gap() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+    );
+    let agent = daemon.cgroup("agent");
+    assert!(eventually(Duration::from_secs(10), || daemon.status()
+        ["bindings"][0]["cgroup"]
+        .is_string()));
+    let pin_root = daemon.pin_root.clone();
+    let generations = || -> Vec<PathBuf> {
+        fs::read_dir(&pin_root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    let before = generations();
+    assert_eq!(before.len(), 1);
+    // A client that keeps asking for a denied name until told to stop.
+    let stop = sandbox.path("stop");
+    let script = format!(
+        "n=0; while [ ! -e {stop} ]; do {q} 127.0.0.1:53 loop.frontend.test >/dev/null && echo LEAKED; n=$((n+1)); done; echo rounds=$n",
+        stop = stop.display(),
+        q = format!("{} --timeout 1", dns_query())
+    );
+    let client = daemon
+        .in_cgroup(&sandbox, &agent, &["sh".into(), "-c".into(), script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+    let config = fs::read_to_string(&daemon.config).unwrap();
+    fs::write(
+        &daemon.config,
+        format!("ring_buffer_size: 1048576\n{config}"),
+    )
+    .unwrap();
+    daemon.spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    fs::write(&stop, "").unwrap();
+    let output = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("LEAKED"), "{stdout}");
+    let rounds: u32 = stdout
+        .trim()
+        .strip_prefix("rounds=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(rounds >= 10, "{stdout}");
+    assert!(!sandbox.v4.saw("loop.frontend.test"));
+    let after = generations();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before);
+    assert!(daemon.log().contains("removing a previous generation"));
+    assert_eq!(
+        daemon.status()["bindings"][0]["cgroup"],
+        agent.to_str().unwrap()
+    );
+}

@@ -910,9 +910,9 @@ fn a_new_generation_replaces_the_old_without_a_gap() {
     // A client that keeps asking for a denied name until told to stop.
     let stop = sandbox.path("stop");
     let script = format!(
-        "n=0; while [ ! -e {stop} ]; do {q} 127.0.0.1:53 loop.frontend.test >/dev/null && echo LEAKED; n=$((n+1)); done; echo rounds=$n",
+        "n=0; while [ ! -e {stop} ]; do {q} --timeout 1 127.0.0.1:53 loop.frontend.test >/dev/null && echo LEAKED; n=$((n+1)); done; echo rounds=$n",
         stop = stop.display(),
-        q = format!("{} --timeout 1", dns_query())
+        q = dns_query()
     );
     let client = daemon
         .in_cgroup(&sandbox, &agent, &["sh".into(), "-c".into(), script])

@@ -949,3 +949,49 @@ fn a_new_generation_replaces_the_old_without_a_gap() {
         agent.to_str().unwrap()
     );
 }
+
+/// When a `guard run` hosted by the daemon dies (kill -9), the daemon ends
+/// the run: the command is killed and its cgroup, binding and rules go.
+#[test]
+fn the_daemon_ends_a_run_whose_guard_run_died() {
+    let _sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let before = daemon.pinned().rule_count().unwrap();
+    let mut run = daemon
+        .admin(&["run", "--deny", "x.test", "--", "sleep", "300"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs_dir = daemon.cgroups.join("runs");
+    let run_cgroups = || -> Vec<PathBuf> {
+        fs::read_dir(&runs_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.path())
+            .collect()
+    };
+    let mut sleeper = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        sleeper = run_cgroups()
+            .first()
+            .and_then(|c| fs::read_to_string(c.join("cgroup.procs")).ok())
+            .and_then(|p| p.lines().next().map(str::to_owned));
+        sleeper.is_some()
+    }));
+    assert_eq!(daemon.pinned().rule_count().unwrap(), before + 1);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let sleeper = sleeper.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || run_cgroups().is_empty()
+            && !Path::new(&format!("/proc/{sleeper}")).exists()),
+        "{:?}\n{}",
+        run_cgroups(),
+        daemon.log()
+    );
+    assert_eq!(daemon.pinned().rule_count().unwrap(), before);
+    assert_eq!(daemon.pinned().bindings().unwrap().len(), 0);
+    assert!(daemon.log().contains("client went away"));
+}

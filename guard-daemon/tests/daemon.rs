@@ -995,3 +995,45 @@ fn the_daemon_ends_a_run_whose_guard_run_died() {
     assert_eq!(daemon.pinned().bindings().unwrap().len(), 0);
     assert!(daemon.log().contains("client went away"));
 }
+
+/// A `guard run` started inside a guarded cgroup (a bound unit, or another
+/// run) must stay under that guard: the daemon does not move it out to its
+/// runs cgroup; it runs standalone, nested, and both guards decide.
+#[test]
+fn a_nested_guard_run_stays_under_the_outer_guard() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+    );
+    let agent = daemon.cgroup("agent");
+    assert!(eventually(Duration::from_secs(10), || daemon.status()
+        ["bindings"][0]["cgroup"]
+        .is_string()));
+    let mut inner: Vec<String> = ["run", "--deny", "other.test", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    inner.extend(query("inner.frontend.test"));
+    let mut in_unit = vec![GUARD.to_owned()];
+    in_unit.extend(inner.iter().cloned());
+    let mut command = daemon.in_cgroup(&sandbox, &agent, &in_unit);
+    command.env("GUARD_SOCKET", &daemon.socket);
+    let run = Run::from(command.output().unwrap());
+    assert!(run.stderr.contains("running standalone"), "{run:?}");
+    assert!(run.stdout.contains("error send"), "{run:?}");
+    assert!(!sandbox.v4.saw("inner.frontend.test"));
+
+    // Inside a run hosted by the daemon.
+    let mut args = vec!["run", "--deny", "nested.frontend.test", "--", GUARD];
+    let mut inner: Vec<String> = ["run", "--deny", "other.test", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    inner.extend(query("nested.frontend.test"));
+    args.extend(inner.iter().map(String::as_str));
+    let run = Run::from(daemon.guard(&sandbox, &args).output().unwrap());
+    assert_eq!(run.code, 77, "{run:?}");
+    assert!(run.stderr.contains("running standalone"), "{run:?}");
+    assert!(!sandbox.v4.saw("nested.frontend.test"));
+}

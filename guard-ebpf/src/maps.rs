@@ -88,7 +88,7 @@ pub fn count(counter: Counter) {
 #[inline(always)]
 pub fn count_for(binding: &Binding, counter: Counter) {
     count(counter);
-    if let Some(counters) = POLICY_COUNTERS.get_ptr_mut(&binding.policy_id) {
+    if let Some(counters) = POLICY_COUNTERS.get_ptr_mut(binding.policy_id) {
         let index = counter as usize;
         if index < COUNTER_SLOTS as usize {
             // Per-CPU value, same argument as above.

@@ -968,6 +968,15 @@ impl Daemon {
                 self.config.dns_ports, request.dns_ports
             )));
         }
+        // A guard run inside an already guarded cgroup must stay under that
+        // guard too. Standalone, its cgroup nests inside and both programs
+        // decide; moved to the daemon's runs cgroup it would escape.
+        if let Some(cgroup) = self.already_guarded(client_pid) {
+            return Err(RunRefusal::Incompatible(format!(
+                "guard run is already inside a guarded cgroup ({}), whose guard must keep applying",
+                cgroup.display()
+            )));
+        }
         let mut policies = Vec::new();
         for text in &request.policies {
             policies.push(Policy::parse(&text.text, &text.path)?);
@@ -1341,17 +1350,46 @@ impl Daemon {
         }
     }
 
+    /// The cgroup directory of a process.
+    fn cgroup_of(&self, pid: u32) -> Option<PathBuf> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(self.hierarchy.mount.join(relative.trim_start_matches('/')))
+    }
+
+    /// Whether a process is already guarded, by a binding of this daemon or
+    /// by a standalone `guard run` around it.
+    fn already_guarded(&self, pid: u32) -> Option<PathBuf> {
+        let cgroup = self.cgroup_of(pid)?;
+        let bound: std::collections::HashSet<u64> = self
+            .kernel
+            .bindings()
+            .ok()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let mut probe = cgroup.clone();
+        while probe.starts_with(&self.hierarchy.mount) {
+            let in_run = probe
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(RUN_PREFIX));
+            let is_bound = fs::metadata(&probe).is_ok_and(|m| bound.contains(&m.ino()));
+            if in_run || is_bound {
+                return Some(cgroup);
+            }
+            if !probe.pop() {
+                break;
+            }
+        }
+        None
+    }
+
     /// `guard ensure-guarded`: is the asking process's cgroup guarded by a
     /// configured binding (bound now if it just appeared)?
     fn ensure_guarded(&mut self, pid: u32) -> Reply {
         self.refresh_bindings();
-        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("0::"))
-                    .map(|relative| self.hierarchy.mount.join(relative.trim_start_matches('/')))
-            });
+        let cgroup = self.cgroup_of(pid);
         let Some(cgroup) = cgroup else {
             return Reply::Error {
                 message: format!("cannot read the cgroup of pid {pid}"),

@@ -72,6 +72,24 @@ impl TestDaemon {
         daemon
     }
 
+    /// A daemon whose configuration binds the cgroup `agent` (created here)
+    /// to the frontend policy, once it guards it.
+    fn with_agent() -> (TestDaemon, PathBuf) {
+        let daemon = TestDaemon::start(
+            &[FRONTEND],
+            "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+        );
+        let agent = daemon.cgroup("agent");
+        assert!(
+            eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
+                ["cgroup"]
+                == agent.to_str().unwrap()),
+            "{}",
+            daemon.log()
+        );
+        (daemon, agent)
+    }
+
     fn log(&self) -> String {
         let mut all = String::new();
         for start in 1..=self.starts {
@@ -290,19 +308,7 @@ fn a_run_through_the_daemon_behaves_like_a_standalone_run() {
 #[test]
 fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
     let sandbox = Sandbox::new();
-    let mut daemon = TestDaemon::start(
-        &[FRONTEND],
-        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
-    );
-    let agent = daemon.cgroup("agent");
-    // Give the daemon a moment to see the new cgroup and bind it.
-    assert!(
-        eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
-            ["cgroup"]
-            .is_string()),
-        "{}",
-        daemon.log()
-    );
+    let (mut daemon, agent) = TestDaemon::with_agent();
 
     // A run that waits for our signal between lookups.
     let step = |n: u32| sandbox.path(&format!("step{n}"));
@@ -658,14 +664,7 @@ fn fifty_concurrent_runs_do_not_see_each_others_policies() {
 #[test]
 fn a_thousand_short_runs_leave_nothing_behind() {
     let _sandbox = Sandbox::new();
-    let daemon = TestDaemon::start(
-        &[FRONTEND],
-        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
-    );
-    daemon.cgroup("agent");
-    assert!(eventually(Duration::from_secs(10), || daemon.status()
-        ["bindings"][0]["cgroup"]
-        .is_string()));
+    let (daemon, _agent) = TestDaemon::with_agent();
     let count = |pinned: &Pinned| {
         (
             pinned.bindings().unwrap().len(),
@@ -889,14 +888,7 @@ fn the_shipped_unit_and_configuration_are_valid() {
 #[test]
 fn a_new_generation_replaces_the_old_without_a_gap() {
     let sandbox = Sandbox::new();
-    let mut daemon = TestDaemon::start(
-        &[FRONTEND],
-        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
-    );
-    let agent = daemon.cgroup("agent");
-    assert!(eventually(Duration::from_secs(10), || daemon.status()
-        ["bindings"][0]["cgroup"]
-        .is_string()));
+    let (mut daemon, agent) = TestDaemon::with_agent();
     let pin_root = daemon.pin_root.clone();
     let generations = || -> Vec<PathBuf> {
         fs::read_dir(&pin_root)
@@ -1002,14 +994,7 @@ fn the_daemon_ends_a_run_whose_guard_run_died() {
 #[test]
 fn a_nested_guard_run_stays_under_the_outer_guard() {
     let sandbox = Sandbox::new();
-    let daemon = TestDaemon::start(
-        &[FRONTEND],
-        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
-    );
-    let agent = daemon.cgroup("agent");
-    assert!(eventually(Duration::from_secs(10), || daemon.status()
-        ["bindings"][0]["cgroup"]
-        .is_string()));
+    let (daemon, agent) = TestDaemon::with_agent();
     let mut inner: Vec<String> = ["run", "--deny", "other.test", "--"]
         .iter()
         .map(|s| s.to_string())

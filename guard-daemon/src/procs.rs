@@ -110,6 +110,14 @@ impl ProcessTable {
 
     /// The chain from the run's root process down to `pid`.
     pub fn chain(&self, pid: u32) -> Vec<ChainLink> {
+        self.chain_within(pid, |_| true)
+    }
+
+    /// As [`ProcessTable::chain`], but a process the kernel programs never
+    /// reported is looked up in /proc only if `guarded(pid)`: the chain
+    /// stops at the edge of the guarded cgroup instead of climbing into
+    /// whatever started it (the daemon's view of a bound unit).
+    pub fn chain_within(&self, pid: u32, guarded: impl Fn(u32) -> bool) -> Vec<ChainLink> {
         let mut chain = Vec::new();
         let mut current = Some(pid);
         while let Some(pid) = current {
@@ -131,7 +139,8 @@ impl ProcessTable {
                 ),
                 // Not seen by the kernel programs (should not happen for a
                 // process in the run): ask /proc while it still exists.
-                None => from_proc(pid),
+                None if guarded(pid) => from_proc(pid),
+                None => break,
             };
             chain.push(link);
             if pid == self.root {

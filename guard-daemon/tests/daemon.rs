@@ -746,6 +746,17 @@ fn events_metrics_and_logs_report_blocked_lookups() {
     assert_eq!(event["policy"], "frontend");
     assert_eq!(event["guarded"], "guard-test-agent.service");
     assert_eq!(event["rule"]["pattern"], "*.frontend.test");
+    // The chain stops at the edge of the guarded cgroup: the shell that
+    // moved itself in and exec'd the query, nothing of what started it.
+    let chain = event["process_chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 1, "{event:#}");
+    assert!(
+        chain[0]["argv"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("guard-dns-query"),
+        "{event:#}"
+    );
     let _ = follow.kill();
     let _ = follow.wait();
 

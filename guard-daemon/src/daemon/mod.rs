@@ -1233,7 +1233,10 @@ impl Daemon {
             }
         }
         let rules = info.map_or(&self.empty_rules, |i| &i.rules);
-        let record = EventRecord::new(query, self.procs.chain(query.pid), rules, &self.clock);
+        let chain = self
+            .procs
+            .chain_within(query.pid, |pid| self.already_guarded(pid).is_some());
+        let record = EventRecord::new(query, chain, rules, &self.clock);
         let (kind, label, target) = info.map_or(("unknown", "", ""), |i| {
             (i.kind, i.label.as_str(), i.target.as_str())
         });

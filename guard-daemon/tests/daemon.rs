@@ -28,6 +28,7 @@ struct TestDaemon {
     cgroups: PathBuf,
     child: Option<Child>,
     starts: u32,
+    json_logs: bool,
 }
 
 impl TestDaemon {
@@ -35,6 +36,10 @@ impl TestDaemon {
     /// where `@CG@` stands for the test's cgroup subtree) and starts the
     /// daemon.
     fn start(policies: &[(&str, &str)], bindings: &str) -> TestDaemon {
+        TestDaemon::start_logging(policies, bindings, false)
+    }
+
+    fn start_logging(policies: &[(&str, &str)], bindings: &str, json_logs: bool) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         let nonce = format!("{}-{:x}", std::process::id(), rand_nonce());
         let mount = cgroup2_mount_point(&fs::read_to_string("/proc/self/mountinfo").unwrap())
@@ -67,6 +72,7 @@ impl TestDaemon {
             cgroups,
             child: None,
             starts: 0,
+            json_logs,
         };
         daemon.spawn();
         daemon
@@ -107,6 +113,7 @@ impl TestDaemon {
         let child = Command::new(GUARD)
             .args(["daemon", "--config"])
             .arg(&self.config)
+            .args(["--log-format", if self.json_logs { "json" } else { "text" }])
             .env("GUARD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -711,9 +718,10 @@ fn a_thousand_short_runs_leave_nothing_behind() {
 fn events_metrics_and_logs_report_blocked_lookups() {
     let sandbox = Sandbox::new();
     let port = 19000 + (std::process::id() % 1000) as u16;
-    let daemon = TestDaemon::start(
+    let daemon = TestDaemon::start_logging(
         &[FRONTEND],
         &format!("  - unit: guard-test-agent.service\n    policies: [frontend]\nmetrics_address: 127.0.0.1:{port}\n"),
+        true,
     );
     // A "unit": the daemon finds it by name in the cgroup tree.
     let unit = daemon.cgroup("system.slice/guard-test-agent.service");
@@ -781,12 +789,37 @@ fn events_metrics_and_logs_report_blocked_lookups() {
     assert!(metrics
         .contains("guard_dns_queries_inspected_total{binding=\"unit\",policy=\"frontend\"} 1\n"));
 
+    // JSON lines: one structured record per blocked lookup.
     let log = daemon.log();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let blocked: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["target"] == "guard::blocked")
+        .collect();
+    assert_eq!(blocked.len(), 1, "{log}");
+    let record = blocked[0];
+    assert_eq!(record["name"], "live.frontend.test", "{record:#}");
+    assert_eq!(record["policy"], "frontend");
+    assert_eq!(record["binding"], "unit");
+    assert_eq!(record["level"], "WARN");
+    assert!(record["chain"]
+        .as_str()
+        .unwrap()
+        .contains("guard-dns-query"));
+
+    let status = Run::from(daemon.admin(&["status"]).output().unwrap());
     assert!(
-        log.lines().any(|l| l.contains("DNS lookup blocked")
-            && l.contains("name=live.frontend.test")
-            && l.contains("policy=\"frontend\"")),
-        "{log}"
+        status
+            .stdout
+            .contains("unit guard-test-agent.service  [enforce] frontend"),
+        "{status:?}"
+    );
+    assert!(
+        status.stdout.contains("inspected 1, blocked 1"),
+        "{status:?}"
     );
 }
 

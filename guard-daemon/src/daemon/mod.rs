@@ -183,6 +183,11 @@ struct RunSession {
     /// restart (its rules are then found by a scan).
     rules: Option<Arc<RuleSet>>,
     stats_at_start: Option<(u64, u64)>,
+    /// Its cgroup is being removed (off the daemon's task); the rest of the
+    /// ending follows when that is done.
+    ending: bool,
+    /// Send the totals to the client once the run has ended.
+    send_totals: bool,
 }
 
 enum Msg {
@@ -201,6 +206,10 @@ enum Msg {
         reply: oneshot::Sender<Reply>,
     },
     Finish {
+        policy_id: u32,
+    },
+    /// A run's cgroup is gone (sent by the blocking task that removed it).
+    Removed {
         policy_id: u32,
     },
     Detached {
@@ -249,6 +258,8 @@ struct Daemon {
     /// Who the policy ids of a previous daemon belonged to, so the records
     /// they left in the ring are logged under the right binding.
     previous: HashMap<u32, PolicyInfo>,
+    /// The daemon's own queue, for work it hands to blocking tasks.
+    tx: Option<mpsc::Sender<Msg>>,
 }
 
 async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, UnixListener)> {
@@ -314,6 +325,7 @@ async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, Uni
         started: Instant::now(),
         empty_rules,
         previous: HashMap::new(),
+        tx: None,
         config,
     };
     daemon.adopt_runs(&bound);
@@ -367,6 +379,7 @@ async fn serve(
     listener: UnixListener,
 ) -> i32 {
     let (tx, mut rx) = mpsc::channel::<Msg>(1024);
+    daemon.tx = Some(tx.clone());
     {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -642,13 +655,15 @@ impl Daemon {
                 let _ = reply.send(self.resume_run(&cgroup, &run, token, sink));
             }
             Msg::Finish { policy_id } => self.finish_run(policy_id, ring, true),
+            Msg::Removed { policy_id } => self.complete_run(policy_id, ring),
             Msg::Detached { policy_id, token } => {
                 let current = self
                     .runs
                     .get(&policy_id)
                     .and_then(|s| s.sink.as_ref())
                     .map(|(t, _)| *t);
-                if current == Some(token) {
+                let ending = self.runs.get(&policy_id).is_some_and(|s| s.ending);
+                if current == Some(token) && !ending {
                     tracing::warn!(policy_id, "a guard run client went away; ending its run");
                     self.finish_run(policy_id, ring, false);
                 }
@@ -875,6 +890,8 @@ impl Daemon {
                             dropped: 0,
                             rules: None,
                             stats_at_start: None,
+                            ending: false,
+                            send_totals: false,
                         },
                     );
                 }
@@ -1043,6 +1060,8 @@ impl Daemon {
                 dropped: 0,
                 rules: Some(rules),
                 stats_at_start: self.kernel.egress_stats(),
+                ending: false,
+                send_totals: false,
             },
         );
         tracing::debug!(cgroup = %path.display(), policy_id, client = client_pid, "run started");
@@ -1100,18 +1119,43 @@ impl Daemon {
     /// Ends a run: kills what is left in its cgroup, forwards its last
     /// events and totals, and removes its cgroup, binding, rules, counters.
     fn finish_run(&mut self, policy_id: u32, ring: &mut RingBuf<MapData>, send_totals: bool) {
-        let Some(cgroup) = self.runs.get(&policy_id).map(|s| s.cgroup.clone()) else {
+        let Some(session) = self.runs.get_mut(&policy_id) else {
             return;
         };
-        if let Err(e) = remove_cgroup_tree(&cgroup) {
-            tracing::error!(error = %e, "removing a run's cgroup");
+        session.send_totals |= send_totals;
+        if session.ending {
+            return;
         }
+        session.ending = true;
+        let cgroup = session.cgroup.clone();
+        // Killing and removing the cgroup can take a while (processes that
+        // are slow to die); it must not hold up every other run's events.
+        match self.tx.clone() {
+            Some(tx) => {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = remove_cgroup_tree(&cgroup) {
+                        tracing::error!(error = %e, "removing a run's cgroup");
+                    }
+                    let _ = tx.blocking_send(Msg::Removed { policy_id });
+                });
+            }
+            None => {
+                if let Err(e) = remove_cgroup_tree(&cgroup) {
+                    tracing::error!(error = %e, "removing a run's cgroup");
+                }
+                self.complete_run(policy_id, ring);
+            }
+        }
+    }
+
+    /// The rest of ending a run, once its cgroup is gone.
+    fn complete_run(&mut self, policy_id: u32, ring: &mut RingBuf<MapData>) {
         // Everything the run's processes did is in the ring now.
         self.drain(ring);
         let Some(session) = self.runs.remove(&policy_id) else {
             return;
         };
-        if send_totals {
+        if session.send_totals {
             if let Some((_, sink)) = &session.sink {
                 let counters = self.kernel.policy_counters(policy_id).unwrap_or_default();
                 let seen = if session.rules.is_some() {

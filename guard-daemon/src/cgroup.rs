@@ -175,21 +175,26 @@ impl RunCgroup {
     /// `cgroup.procs`, opened for writing: a child writes "0" to it to move
     /// itself in before exec.
     pub fn procs_for_writing(&self) -> Result<File> {
-        let procs = self.path.join("cgroup.procs");
-        OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .map_err(|source| Error::Cgroup {
-                action: "opening",
-                path: procs,
-                source,
-            })
+        procs_for_writing(&self.path)
     }
 
     /// Kills whatever still runs in the cgroup and removes it.
     pub fn remove(self) -> Result<()> {
         remove_cgroup_tree(&self.path)
     }
+}
+
+/// A cgroup's `cgroup.procs`, opened for writing.
+pub fn procs_for_writing(cgroup: &Path) -> Result<File> {
+    let procs = cgroup.join("cgroup.procs");
+    OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .map_err(|source| Error::Cgroup {
+            action: "opening",
+            path: procs,
+            source,
+        })
 }
 
 /// Kills every process in `path` (and below) and removes the directories.
@@ -265,6 +270,17 @@ pub fn run_cgroup_name(pid: u32, nonce: u64) -> String {
     format!("{RUN_PREFIX}{pid}-{nonce:016x}")
 }
 
+/// The pid of the `guard run` that owns a run cgroup, from its name.
+pub fn run_owner(path: &Path) -> Option<u32> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(RUN_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Removes run cgroups under `parent` whose guard process is gone (it was
 /// killed before its reaper could act, or the reaper was killed too).
 pub fn sweep_stale_runs(parent: &Path) -> Vec<PathBuf> {
@@ -273,14 +289,10 @@ pub fn sweep_stale_runs(parent: &Path) -> Vec<PathBuf> {
         return removed;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(RUN_PREFIX)) else {
+        let Some(pid) = run_owner(&entry.path()) else {
             continue;
         };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid_alive(pid) {
+        if pid_alive(pid as i32) {
             continue;
         }
         if remove_cgroup_tree(&entry.path()).is_ok() {

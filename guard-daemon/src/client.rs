@@ -138,32 +138,22 @@ impl RunSession {
                 s.set_nonblocking(true).ok()?;
                 UnixStream::from_std(s).ok()
             });
-            match stream {
-                Some(stream) => {
-                    let (reader, write_half) = stream.into_split();
-                    if let Ok(mut slot) = writer.try_lock() {
-                        *slot = Some(write_half);
-                    }
-                    tokio::spawn(connection_task(
-                        Some(reader),
-                        tx,
-                        writer.clone(),
-                        finishing.clone(),
-                        self.resume_request(),
-                        self.socket.clone(),
-                    ));
+            // Without a usable stream the task starts by reconnecting.
+            let reader = stream.map(|stream| {
+                let (reader, write_half) = stream.into_split();
+                if let Ok(mut slot) = writer.try_lock() {
+                    *slot = Some(write_half);
                 }
-                None => {
-                    tokio::spawn(connection_task(
-                        None,
-                        tx,
-                        writer.clone(),
-                        finishing.clone(),
-                        self.resume_request(),
-                        self.socket.clone(),
-                    ));
-                }
-            }
+                reader
+            });
+            tokio::spawn(connection_task(
+                reader,
+                tx,
+                writer.clone(),
+                finishing.clone(),
+                self.resume_request(),
+                self.socket.clone(),
+            ));
             self.link = Some(Link {
                 incoming,
                 writer,

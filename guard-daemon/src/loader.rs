@@ -12,6 +12,7 @@ use std::{
 use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
+        cgroup_skb::CgroupSkbLinkId,
         links::{FdLink, PinnedLink},
         trace_point::TracePointLinkId,
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint,
@@ -117,19 +118,7 @@ impl Programs {
     /// Attaches the DNS egress program to a cgroup (a bpf_link: it goes away
     /// with this process unless pinned).
     pub fn attach_cgroup(&mut self, cgroup: impl AsFd) -> Result<()> {
-        let egress: &mut CgroupSkb = program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?;
-        // aya 0.14 uses bpf_link_create on >= 5.7, where only Single is
-        // accepted; links still allow other programs below and beside.
-        egress
-            .attach(
-                cgroup,
-                CgroupSkbAttachType::Egress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|source| Error::Program {
-                name: PROGRAM_DNS_EGRESS,
-                source,
-            })?;
+        attach_egress(program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?, cgroup)?;
         Ok(())
     }
 
@@ -265,12 +254,7 @@ pub trait KernelMaps {
     /// Starts counting for a policy id (the kernel only counts per policy
     /// for ids that have an entry).
     fn add_policy_counters(&mut self, policy_id: u32) -> Result<()> {
-        let map = self.map_mut(POLICY_COUNTERS)?;
-        let mut counters: PerCpuHashMap<&mut MapData, u32, PolicyCounters> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
-                name: POLICY_COUNTERS,
-                source,
-            })?;
+        let mut counters = per_cpu_mut::<_, u32, PolicyCounters>(self, POLICY_COUNTERS)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![PolicyCounters::default(); cpus])
             .map_err(Error::io("per-CPU values"))?;
@@ -283,23 +267,14 @@ pub trait KernelMaps {
     }
 
     fn remove_policy_counters(&mut self, policy_id: u32) {
-        if let Ok(map) = self.map_mut(POLICY_COUNTERS) {
-            if let Ok(mut counters) =
-                PerCpuHashMap::<&mut MapData, u32, PolicyCounters>::try_from(map)
-            {
-                let _ = counters.remove(&policy_id);
-            }
+        if let Ok(mut counters) = per_cpu_mut::<_, u32, PolicyCounters>(self, POLICY_COUNTERS) {
+            let _ = counters.remove(&policy_id);
         }
     }
 
     /// Counters of every policy id that has them, summed over CPUs.
     fn all_policy_counters(&self) -> Result<Vec<(u32, PolicyCounters)>> {
-        let map = self.map(POLICY_COUNTERS)?;
-        let counters: PerCpuHashMap<&MapData, u32, PolicyCounters> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
-                name: POLICY_COUNTERS,
-                source,
-            })?;
+        let counters = per_cpu::<_, u32, PolicyCounters>(self, POLICY_COUNTERS)?;
         Ok(counters
             .iter()
             .flatten()
@@ -308,12 +283,7 @@ pub trait KernelMaps {
     }
 
     fn policy_counters(&self, policy_id: u32) -> Result<PolicyCounters> {
-        let map = self.map(POLICY_COUNTERS)?;
-        let counters: PerCpuHashMap<&MapData, u32, PolicyCounters> =
-            PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
-                name: POLICY_COUNTERS,
-                source,
-            })?;
+        let counters = per_cpu::<_, u32, PolicyCounters>(self, POLICY_COUNTERS)?;
         match counters.get(&policy_id, 0) {
             Ok(per_cpu) => Ok(sum_counters(per_cpu.iter())),
             Err(source) => Err(Error::Map {
@@ -326,10 +296,7 @@ pub trait KernelMaps {
     /// Query counts of the names reported in record mode, by (name hash,
     /// query type), for one policy.
     fn seen_counts(&self, policy_id: u32) -> std::collections::HashMap<(u64, u16), u64> {
-        let Ok(map) = self.map(SEEN) else {
-            return Default::default();
-        };
-        let Ok(seen) = PerCpuHashMap::<&MapData, SeenKey, u64>::try_from(map) else {
+        let Ok(seen) = per_cpu::<_, SeenKey, u64>(self, SEEN) else {
             return Default::default();
         };
         seen.iter()
@@ -341,10 +308,7 @@ pub trait KernelMaps {
 
     /// Forgets what record mode saw for a policy id.
     fn forget_seen(&mut self, policy_id: u32) {
-        let Ok(map) = self.map_mut(SEEN) else {
-            return;
-        };
-        let Ok(mut seen) = PerCpuHashMap::<&mut MapData, SeenKey, u64>::try_from(map) else {
+        let Ok(mut seen) = per_cpu_mut::<_, SeenKey, u64>(self, SEEN) else {
             return;
         };
         let keys: Vec<SeenKey> = seen
@@ -398,6 +362,36 @@ fn typed_mut<'a, M: KernelMaps + ?Sized, K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<BpfHashMap<&'a mut MapData, K, V>> {
     BpfHashMap::try_from(maps.map_mut(name)?).map_err(|source| Error::Map { name, source })
+}
+
+fn per_cpu<'a, M: KernelMaps + ?Sized, K: aya::Pod, V: aya::Pod>(
+    maps: &'a M,
+    name: &'static str,
+) -> Result<PerCpuHashMap<&'a MapData, K, V>> {
+    PerCpuHashMap::try_from(maps.map(name)?).map_err(|source| Error::Map { name, source })
+}
+
+fn per_cpu_mut<'a, M: KernelMaps + ?Sized, K: aya::Pod, V: aya::Pod>(
+    maps: &'a mut M,
+    name: &'static str,
+) -> Result<PerCpuHashMap<&'a mut MapData, K, V>> {
+    PerCpuHashMap::try_from(maps.map_mut(name)?).map_err(|source| Error::Map { name, source })
+}
+
+/// Attaches the DNS program to a cgroup's egress (a bpf_link). aya 0.14
+/// uses bpf_link_create on >= 5.7, where only Single is accepted; links
+/// still allow other programs below and beside.
+fn attach_egress(egress: &mut CgroupSkb, cgroup: impl AsFd) -> Result<CgroupSkbLinkId> {
+    egress
+        .attach(
+            cgroup,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|source| Error::Program {
+            name: PROGRAM_DNS_EGRESS,
+            source,
+        })
 }
 
 /// Runs and total run time of the DNS egress program, as the kernel
@@ -542,19 +536,11 @@ impl Pinned {
         if path.exists() {
             return Ok(());
         }
-        let program_error = |source| Error::Program {
+        let id = attach_egress(&mut self.egress, cgroup)?;
+        let link = self.egress.take_link(id).map_err(|source| Error::Program {
             name: PROGRAM_DNS_EGRESS,
             source,
-        };
-        let id = self
-            .egress
-            .attach(
-                cgroup,
-                CgroupSkbAttachType::Egress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(program_error)?;
-        let link = self.egress.take_link(id).map_err(program_error)?;
+        })?;
         let link = FdLink::try_from(link)
             .map_err(|e| Error::Pin(PROGRAM_DNS_EGRESS.into(), e.to_string()))?;
         link.pin(&path)

@@ -216,6 +216,20 @@ pub struct ProgramStats {
     pub average_ns: f64,
 }
 
+impl ProgramStats {
+    pub fn new(runs: u64, run_time_ns: u64) -> ProgramStats {
+        ProgramStats {
+            runs,
+            run_time_ns,
+            average_ns: if runs == 0 {
+                0.0
+            } else {
+                run_time_ns as f64 / runs as f64
+            },
+        }
+    }
+}
+
 impl Report {
     pub fn load(path: &std::path::Path) -> Result<Report, String> {
         load_versioned(path, "guard report", SCHEMA, |r: &Report| &r.schema)

@@ -362,15 +362,10 @@ impl Enforcement {
             } else {
                 Vec::new()
             },
-            program_stats: self.programs.egress_stats().map(|(runs, ns)| ProgramStats {
-                runs,
-                run_time_ns: ns,
-                average_ns: if runs == 0 {
-                    0.0
-                } else {
-                    ns as f64 / runs as f64
-                },
-            }),
+            program_stats: self
+                .programs
+                .egress_stats()
+                .map(|(runs, ns)| ProgramStats::new(runs, ns)),
         }
     }
 
@@ -447,15 +442,9 @@ async fn supervise(
         }
         Backend::Daemon(session) => {
             let path = session.cgroup().to_owned();
-            let procs_path = path.join("cgroup.procs");
-            let procs = match std::fs::OpenOptions::new().write(true).open(&procs_path) {
+            let procs = match crate::cgroup::procs_for_writing(&path) {
                 Ok(procs) => procs,
-                Err(source) => {
-                    let error = Error::Cgroup {
-                        action: "opening",
-                        path: procs_path,
-                        source,
-                    };
+                Err(error) => {
                     // Ending the session makes the daemon remove the cgroup.
                     drop(session);
                     return setup_failed(&options, &error);

@@ -39,7 +39,7 @@ use crate::{
     api::{
         self, BindingStatus, Frame, ProgramStatus, Reply, Request, RunRequest, RunTotals, Status,
     },
-    cgroup::{remove_cgroup_tree, run_cgroup_name, Hierarchy, RunCgroup, RUN_PREFIX},
+    cgroup::{remove_cgroup_tree, run_cgroup_name, run_owner, Hierarchy, RunCgroup, RUN_PREFIX},
     error::{Error, Result},
     events::{decode, policy_of, Record},
     loader::{self, remove_pins, KernelMaps as _, LoadOptions, Pinned},
@@ -165,7 +165,6 @@ struct PolicyInfo {
 struct ActiveBinding {
     config: BindingConfig,
     policy_id: u32,
-    rules: Arc<RuleSet>,
     /// The cgroup guarded now (path, id); None while the unit is not running.
     cgroup: Option<(PathBuf, u64)>,
 }
@@ -430,12 +429,7 @@ async fn serve(
             },
             Some(msg) = rx.recv() => daemon.handle(msg, ring.get_mut()),
             _ = hangup.recv() => {
-                notify(&[sd_notify::NotifyState::Reloading]);
-                match daemon.reload() {
-                    Ok(message) => tracing::info!("{message}"),
-                    Err(message) => tracing::error!("reload refused: {message}"),
-                }
-                notify(&[sd_notify::NotifyState::Ready]);
+                let _ = daemon.reload();
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -672,18 +666,10 @@ impl Daemon {
                 let _ = reply.send(Reply::Status(Box::new(self.status())));
             }
             Msg::Reload { reply } => {
-                notify(&[sd_notify::NotifyState::Reloading]);
                 let answer = match self.reload() {
-                    Ok(message) => {
-                        tracing::info!("{message}");
-                        Reply::Reloaded { message }
-                    }
-                    Err(message) => {
-                        tracing::error!("reload refused: {message}");
-                        Reply::Error { message }
-                    }
+                    Ok(message) => Reply::Reloaded { message },
+                    Err(message) => Reply::Error { message },
                 };
-                notify(&[sd_notify::NotifyState::Ready]);
                 let _ = reply.send(answer);
             }
             Msg::Subscribe { follow, sink } => {
@@ -758,8 +744,7 @@ impl Daemon {
     fn install_bindings(&mut self, configs: Vec<BindingConfig>) -> Result<Vec<ActiveBinding>> {
         let mut active = Vec::new();
         for config in configs {
-            let rules = config.rules.clone();
-            match self.install_policy(&rules) {
+            match self.install_policy(&config.rules) {
                 Ok(policy_id) => {
                     self.policies.insert(
                         policy_id,
@@ -768,20 +753,18 @@ impl Daemon {
                             label: config.policies.join(","),
                             target: config.target.name(),
                             mode: config.mode,
-                            rules: rules.clone(),
+                            rules: config.rules.clone(),
                         },
                     );
                     active.push(ActiveBinding {
                         config,
                         policy_id,
-                        rules,
                         cgroup: None,
                     });
                 }
                 Err(e) => {
                     for binding in active {
-                        self.policies.remove(&binding.policy_id);
-                        self.retire_policy(binding.policy_id, Some(&binding.rules));
+                        self.retire_policy(binding.policy_id, Some(&binding.config.rules));
                     }
                     return Err(e);
                 }
@@ -816,7 +799,7 @@ impl Daemon {
                     self.kernel.detach_cgroup(*id);
                 }
             }
-            self.retire_policy(binding.policy_id, Some(&binding.rules));
+            self.retire_policy(binding.policy_id, Some(&binding.config.rules));
         }
     }
 
@@ -988,7 +971,7 @@ impl Daemon {
         // A guard run inside an already guarded cgroup must stay under that
         // guard too. Standalone, its cgroup nests inside and both programs
         // decide; moved to the daemon's runs cgroup it would escape.
-        if let Some(cgroup) = self.already_guarded(client_pid) {
+        if let Some(cgroup) = self.already_guarded(client_pid, &self.bound_cgroup_ids()) {
             return Err(RunRefusal::Incompatible(format!(
                 "guard run is already inside a guarded cgroup ({}), whose guard must keep applying",
                 cgroup.display()
@@ -1168,19 +1151,10 @@ impl Daemon {
                     Vec::new()
                 };
                 let program_stats = match (session.stats_at_start, self.kernel.egress_stats()) {
-                    (Some((runs0, ns0)), Some((runs1, ns1))) => {
-                        let runs = runs1.saturating_sub(runs0);
-                        let ns = ns1.saturating_sub(ns0);
-                        Some(ProgramStats {
-                            runs,
-                            run_time_ns: ns,
-                            average_ns: if runs == 0 {
-                                0.0
-                            } else {
-                                ns as f64 / runs as f64
-                            },
-                        })
-                    }
+                    (Some((runs0, ns0)), Some((runs1, ns1))) => Some(ProgramStats::new(
+                        runs1.saturating_sub(runs0),
+                        ns1.saturating_sub(ns0),
+                    )),
                     _ => None,
                 };
                 let totals = RunTotals {
@@ -1277,9 +1251,13 @@ impl Daemon {
             }
         }
         let rules = info.map_or(&self.empty_rules, |i| &i.rules);
-        let chain = self
-            .procs
-            .chain_within(query.pid, |pid| self.already_guarded(pid).is_some());
+        // The bound cgroups are read once per event, and only if the chain
+        // has a process the kernel programs did not report.
+        let bound = std::cell::OnceCell::new();
+        let chain = self.procs.chain_within(query.pid, |pid| {
+            self.already_guarded(pid, bound.get_or_init(|| self.bound_cgroup_ids()))
+                .is_some()
+        });
         let record = EventRecord::new(query, chain, rules, &self.clock);
         let (kind, label, target) = info.map_or(("unknown", "", ""), |i| {
             (i.kind, i.label.as_str(), i.target.as_str())
@@ -1404,17 +1382,19 @@ impl Daemon {
         Some(self.hierarchy.mount.join(relative.trim_start_matches('/')))
     }
 
-    /// Whether a process is already guarded, by a binding of this daemon or
-    /// by a standalone `guard run` around it.
-    fn already_guarded(&self, pid: u32) -> Option<PathBuf> {
-        let cgroup = self.cgroup_of(pid)?;
-        let bound: std::collections::HashSet<u64> = self
-            .kernel
+    /// Ids of the cgroups bound in the kernel map.
+    fn bound_cgroup_ids(&self) -> std::collections::HashSet<u64> {
+        self.kernel
             .bindings()
-            .ok()?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+            .map(|bound| bound.into_iter().map(|(id, _)| id).collect())
+            .unwrap_or_default()
+    }
+
+    /// The cgroup of a process that is already guarded, by a binding of
+    /// this daemon (`bound`: [`Daemon::bound_cgroup_ids`]) or by a
+    /// standalone `guard run` around it.
+    fn already_guarded(&self, pid: u32, bound: &std::collections::HashSet<u64>) -> Option<PathBuf> {
+        let cgroup = self.cgroup_of(pid)?;
         let mut probe = cgroup.clone();
         while probe.starts_with(&self.hierarchy.mount) {
             let in_run = probe
@@ -1462,8 +1442,19 @@ impl Daemon {
     }
 
     /// Re-reads the configuration and policies and swaps them in. A config
-    /// that does not validate changes nothing.
+    /// that does not validate changes nothing. Tells systemd, and logs.
     fn reload(&mut self) -> Result<String, String> {
+        notify(&[sd_notify::NotifyState::Reloading]);
+        let result = self.swap_configuration();
+        match &result {
+            Ok(message) => tracing::info!("{message}"),
+            Err(message) => tracing::error!("reload refused: {message}"),
+        }
+        notify(&[sd_notify::NotifyState::Ready]);
+        result
+    }
+
+    fn swap_configuration(&mut self) -> Result<String, String> {
         let config = Config::load(&self.config.path).map_err(|e| e.to_string())?;
         let mut notes = String::new();
         if config.restart_only_settings() != self.config.restart_only_settings() {
@@ -1612,7 +1603,7 @@ impl ActiveBinding {
             audit_only: u8::from(self.config.mode == Mode::Audit),
             record: 0,
             _pad: [0; 2],
-            label_mask: self.rules.label_mask(),
+            label_mask: self.config.rules.label_mask(),
         }
     }
 }
@@ -1623,17 +1614,6 @@ fn policy_label(policies: &[Policy]) -> String {
         .map(|p| p.name.as_str())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// The pid of the `guard run` that owns a run cgroup, from its name.
-fn run_owner(path: &Path) -> Option<u32> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix(RUN_PREFIX)?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Whether a run's client still lives (and is still guard: pids get reused).

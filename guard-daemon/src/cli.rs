@@ -4,9 +4,9 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    inventory::{self, Inventory},
     policy::{Policy, RuleSet},
-    render,
+    report::inventory::{self, Inventory},
+    report::render,
     report::Report,
     run::{run, RunOptions},
 };
@@ -244,10 +244,10 @@ pub fn main() -> i32 {
         Command::Daemon(args) => crate::daemon::main(crate::daemon::DaemonOptions {
             config: args.config,
         }),
-        Command::Status { json } => crate::client::status(json),
-        Command::Reload => crate::client::reload(),
-        Command::EnsureGuarded => crate::client::ensure_guarded(),
-        Command::Events { follow, json } => crate::client::events(follow, json),
+        Command::Status { json } => crate::api::client::status(json),
+        Command::Reload => crate::api::client::reload(),
+        Command::EnsureGuarded => crate::api::client::ensure_guarded(),
+        Command::Events { follow, json } => crate::api::client::events(follow, json),
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
         Command::Report(args) => report(&args),

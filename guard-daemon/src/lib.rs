@@ -1,18 +1,25 @@
-//! guard's userspace: policies, cgroups, program loading, events and
-//! reports, and the `guard` command line built on them.
+//! guard's userspace, in layers (each module says what it owns):
+//!
+//! - [`kernel`]: everything that talks to the kernel (programs, maps,
+//!   records, sock_diag, cgroups, pseudo-filesystems);
+//! - [`policy`]: policy files and command-line rules, validated and
+//!   compiled to rule tables;
+//! - [`report`]: what a run tells people and machines (process chains,
+//!   the JSON report and its renderings, the inventory of names);
+//! - [`run`]: one guarded command (`guard run`), standalone or through the
+//!   daemon;
+//! - [`daemon`]: the long-lived service (`guard daemon`);
+//! - [`api`]: the daemon's socket protocol and its client;
+//! - [`cli`]: the command line on top of all of them.
+//!
+//! Lower layers never use higher ones: kernel and policy know nothing of
+//! reports; report knows nothing of runs; run and daemon share only the
+//! layers below them and the api.
 pub mod api;
-pub mod cgroup;
 pub mod cli;
-pub mod client;
 pub mod daemon;
 pub mod error;
-pub mod events;
-pub mod inventory;
-pub mod loader;
+pub mod kernel;
 pub mod policy;
-pub mod procs;
-pub mod reaper;
-pub mod render;
 pub mod report;
 pub mod run;
-pub mod sockdiag;

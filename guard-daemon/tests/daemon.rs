@@ -15,8 +15,8 @@ use std::{
 
 use common::{dns_query, eventually, report, Run, Sandbox, GUARD};
 use guard_daemon::{
-    cgroup::{cgroup2_mount_point, remove_cgroup_tree},
-    loader::{KernelMaps as _, Pinned},
+    kernel::cgroup::{cgroup2_mount_point, remove_cgroup_tree},
+    kernel::{KernelMaps as _, Pinned},
 };
 
 struct TestDaemon {

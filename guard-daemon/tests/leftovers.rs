@@ -77,7 +77,7 @@ fn nothing_of_guard_remains_after_any_kind_of_exit() {
     }
 
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = guard_daemon::cgroup::cgroup2_mount_point(&mountinfo).unwrap();
+    let root = guard_daemon::kernel::cgroup::cgroup2_mount_point(&mountinfo).unwrap();
     let mut left = Vec::new();
     assert!(
         eventually(Duration::from_secs(10), || {

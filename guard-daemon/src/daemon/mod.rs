@@ -39,12 +39,14 @@ use crate::{
     api::{
         self, BindingStatus, Frame, ProgramStatus, Reply, Request, RunRequest, RunTotals, Status,
     },
-    cgroup::{remove_cgroup_tree, run_cgroup_name, run_owner, Hierarchy, RunCgroup, RUN_PREFIX},
     error::{Error, Result},
-    events::{decode, policy_of, Record},
-    loader::{self, remove_pins, KernelMaps as _, LoadOptions, Pinned},
+    kernel::cgroup::{
+        remove_cgroup_tree, run_cgroup_name, run_owner, Hierarchy, RunCgroup, RUN_PREFIX,
+    },
+    kernel::records::{decode, policy_of, Record},
+    kernel::{self, remove_pins, KernelMaps as _, LoadOptions, Pinned},
     policy::{Mode, Policy, RuleSet},
-    procs::ProcessTable,
+    report::chains::ProcessTable,
     report::{Clock, Counters, EventRecord, ProgramStats},
 };
 
@@ -263,9 +265,9 @@ struct Daemon {
 
 async fn start(config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, UnixListener)> {
     let hierarchy = Hierarchy::find_or_mount("daemon")?;
-    loader::ensure_bpffs(&config.pin_dir)?;
+    kernel::ensure_bpffs(&config.pin_dir)?;
     let options = load_options(&config);
-    let generation = loader::generation(&options);
+    let generation = kernel::generation(&options);
     let t = Instant::now();
     let (mut kernel, adopted) = Pinned::open_or_create(&config.pin_dir, &options)?;
     if adopted {
@@ -707,9 +709,9 @@ impl Daemon {
         let installed = self
             .kernel
             .add_policy_counters(id)
-            .and_then(|()| self.kernel.install_rules(id, rules));
+            .and_then(|()| self.kernel.install_rules(id, rules.entries()));
         if let Err(e) = installed {
-            let _ = self.kernel.remove_rules(id, rules);
+            let _ = self.kernel.remove_rules(id, rules.entries());
             self.kernel.remove_policy_counters(id);
             return Err(e);
         }
@@ -732,7 +734,7 @@ impl Daemon {
         }
         match rules {
             Some(rules) => {
-                let _ = self.kernel.remove_rules(id, rules);
+                let _ = self.kernel.remove_rules(id, rules.entries());
             }
             None => {
                 let _ = self.kernel.retain_rules(&|policy| policy != id);
@@ -955,7 +957,7 @@ impl Daemon {
         token: u64,
         sink: mpsc::Sender<Frame>,
     ) -> Result<(PathBuf, u32), RunRefusal> {
-        let object = loader::object_fingerprint();
+        let object = kernel::object_fingerprint();
         if request.object != object {
             return Err(RunRefusal::Incompatible(format!(
                 "the daemon runs another build of guard (programs {object}, yours {})",
@@ -982,7 +984,7 @@ impl Daemon {
             policies.push(Policy::parse(&text.text, &text.path)?);
         }
         let (policies, rules) =
-            crate::run::compile(policies, &request.deny, &request.allow, request.audit)?;
+            crate::policy::compile(policies, &request.deny, &request.allow, request.audit)?;
         let live = self.runs.len() + self.bindings.len();
         if live + 1 >= self.config.max_policies as usize {
             return Err(RunRefusal::Error(format!(
@@ -1014,7 +1016,7 @@ impl Daemon {
         );
         if let Err(e) = bound {
             let _ = cgroup.remove();
-            let _ = self.kernel.remove_rules(policy_id, &rules);
+            let _ = self.kernel.remove_rules(policy_id, rules.entries());
             self.kernel.remove_policy_counters(policy_id);
             return Err(e.into());
         }
@@ -1066,7 +1068,7 @@ impl Daemon {
         };
         // A run adopted after a restart: name its rules again (the same
         // build compiles the same request to the same rules).
-        if session.rules.is_none() && run.object == loader::object_fingerprint() {
+        if session.rules.is_none() && run.object == kernel::object_fingerprint() {
             let compiled = run
                 .policies
                 .iter()
@@ -1074,7 +1076,7 @@ impl Daemon {
                 .collect::<Result<Vec<_>, _>>()
                 .ok()
                 .and_then(|policies| {
-                    crate::run::compile(policies, &run.deny, &run.allow, run.audit).ok()
+                    crate::policy::compile(policies, &run.deny, &run.allow, run.audit).ok()
                 });
             if let Some((policies, rules)) = compiled {
                 let rules = Arc::new(rules);
@@ -1228,7 +1230,7 @@ impl Daemon {
 
     /// Logs a reported query (one structured record per blocked call) and
     /// passes it to `guard events`.
-    fn on_query(&mut self, query: &crate::events::DnsQuery) {
+    fn on_query(&mut self, query: &crate::kernel::records::DnsQuery) {
         let info = self
             .policies
             .get(&query.policy_id)
@@ -1238,10 +1240,10 @@ impl Daemon {
         // waiting for its timeout.
         if query.verdict.dropped() && info.is_some_and(|i| i.kind != "run") {
             let protocol = match query.transport {
-                crate::events::Transport::Tcp => crate::sockdiag::Protocol::Tcp,
-                crate::events::Transport::Udp => crate::sockdiag::Protocol::Udp,
+                crate::kernel::records::Transport::Tcp => crate::kernel::sockdiag::Protocol::Tcp,
+                crate::kernel::records::Transport::Udp => crate::kernel::sockdiag::Protocol::Udp,
             };
-            if let Err(e) = crate::sockdiag::destroy(
+            if let Err(e) = crate::kernel::sockdiag::destroy(
                 protocol,
                 query.source,
                 query.resolver,

@@ -128,7 +128,8 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 /// cgroup it runs in).
 pub fn own_cgroup_dir() -> PathBuf {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mount = guard_daemon::cgroup::cgroup2_mount_point(&mountinfo).expect("cgroup2 mounted");
+    let mount =
+        guard_daemon::kernel::cgroup::cgroup2_mount_point(&mountinfo).expect("cgroup2 mounted");
     let text = fs::read_to_string("/proc/self/cgroup").unwrap();
     let relative = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
     mount.join(relative.trim_start_matches('/'))

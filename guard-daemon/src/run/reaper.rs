@@ -20,8 +20,8 @@ use nix::{
 };
 
 use crate::{
-    cgroup::remove_cgroup_tree,
     error::{Error, Result},
+    kernel::cgroup::remove_cgroup_tree,
 };
 
 /// Held by guard; dropping it (or dying) tells the reaper to act.

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::kernelfs::mount_kernel_fs;
 use crate::error::{Error, Result};
 
 /// Prefix of every cgroup a `guard run` creates; the stale-run sweep and the
@@ -75,19 +76,6 @@ impl Drop for Hierarchy {
             let _ = fs::remove_dir(&self.mount);
         }
     }
-}
-
-/// Mounts a kernel pseudo-filesystem (cgroup2, tracefs) with the usual
-/// nosuid, nodev, noexec.
-pub fn mount_kernel_fs(fstype: &str, target: &Path) -> nix::Result<()> {
-    use nix::mount::MsFlags;
-    nix::mount::mount(
-        Some(fstype),
-        target,
-        Some(fstype),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
 }
 
 /// Parses mountinfo lines: `... mount-point ... - fstype source options`.

@@ -1,54 +1,16 @@
-//! Policies: YAML files and command-line rules, validated and merged into
-//! one rule table that compiles to the kernel's rule map.
-//!
-//! ```yaml
-//! name: db-deploy
-//! description: The database deploy must not depend on the frontend.
-//! mode: enforce        # or audit
-//! deny:
-//!   - frontend.internal
-//!   - "*.frontend.internal"
-//! allow:
-//!   - status.frontend.internal
-//! ```
-use std::{
-    collections::{btree_map::Entry, BTreeMap, HashMap},
-    fmt, fs,
-    path::{Path, PathBuf},
-};
+//! Policy files (YAML) and command-line rules, validated: every problem is
+//! reported with the file, the line and the offending value.
+use std::{fs, path::Path};
 
-use guard_common::{
-    matching::{decide_masked, label_bit, Action, RuleEntry, RuleSlot},
-    pattern::{Pattern, PatternKind},
-};
-use serde::{Deserialize, Serialize};
+use guard_common::pattern::Pattern;
+use serde::Deserialize;
 use yaml_rust2::{
     parser::{Event, MarkedEventReceiver, Parser},
     scanner::Marker,
 };
 
+use super::{Mode, Origin, Policy, Rule, RuleKind};
 use crate::error::PolicyError;
-
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, PartialOrd, Ord, Hash,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Drop matching queries.
-    #[default]
-    Enforce,
-    /// Let matching queries through and report them as "would block".
-    Audit,
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        })
-    }
-}
 
 /// The file format. Unknown keys are errors: a typo such as `denny:` must
 /// not silently produce a policy that blocks nothing.
@@ -64,77 +26,6 @@ struct PolicyFile {
     deny: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleKind {
-    Deny,
-    Allow,
-}
-
-impl fmt::Display for RuleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RuleKind::Deny => "deny",
-            RuleKind::Allow => "allow",
-        })
-    }
-}
-
-/// Where a rule was written: `policies/frontend.yaml:12` or `--deny`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Origin {
-    pub file: Option<PathBuf>,
-    pub line: Option<usize>,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.file, self.line) {
-            (Some(file), Some(line)) => write!(f, "{}:{line}", file.display()),
-            (Some(file), None) => write!(f, "{}", file.display()),
-            (None, _) => f.write_str("command line"),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Rule {
-    pub kind: RuleKind,
-    #[serde(serialize_with = "serialize_display")]
-    pub pattern: Pattern,
-    /// Mode of the policy the rule came from (deny rules only matter).
-    pub mode: Mode,
-    pub policy: String,
-    pub origin: Origin,
-}
-
-fn serialize_display<T: fmt::Display, S: serde::Serializer>(
-    value: &T,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_str(value)
-}
-
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} (policy {}, {})",
-            self.kind, self.pattern, self.policy, self.origin
-        )
-    }
-}
-
-/// One loaded policy (a file, or the command-line rules).
-#[derive(Clone, Debug, Serialize)]
-pub struct Policy {
-    pub name: String,
-    pub description: Option<String>,
-    pub mode: Mode,
-    pub source: Option<PathBuf>,
-    pub rules: Vec<Rule>,
 }
 
 impl Policy {
@@ -308,124 +199,6 @@ fn entry_lines(text: &str) -> EntryLines {
     collector.lines
 }
 
-/// All rules of a run, merged, with the kernel rule map they compile to.
-#[derive(Debug)]
-pub struct RuleSet {
-    rules: Vec<Rule>,
-    entries: HashMap<u64, RuleEntry>,
-    label_mask: u64,
-}
-
-impl RuleSet {
-    /// Merges policies. The same pattern in two deny rules is one rule (the
-    /// enforce mode wins); the same pattern denied and allowed is an error,
-    /// since neither reading is obviously what the author meant.
-    /// `force_audit` turns every deny into a report-only rule.
-    pub fn compile(policies: &[Policy], force_audit: bool) -> Result<RuleSet, PolicyError> {
-        let mut merged: BTreeMap<Pattern, Rule> = BTreeMap::new();
-        for rule in policies.iter().flat_map(|p| p.rules.iter()) {
-            let mut rule = rule.clone();
-            if force_audit {
-                rule.mode = Mode::Audit;
-            }
-            match merged.entry(rule.pattern.clone()) {
-                Entry::Vacant(slot) => {
-                    slot.insert(rule);
-                }
-                Entry::Occupied(mut existing) => {
-                    let existing = existing.get_mut();
-                    if existing.kind != rule.kind {
-                        return Err(PolicyError::Conflict {
-                            pattern: rule.pattern.to_string(),
-                            first: format!(
-                                "{} in policy {} ({})",
-                                existing.kind, existing.policy, existing.origin
-                            ),
-                            second: format!(
-                                "{} in policy {} ({})",
-                                rule.kind, rule.policy, rule.origin
-                            ),
-                        });
-                    }
-                    if rule.mode == Mode::Enforce {
-                        existing.mode = Mode::Enforce;
-                    }
-                }
-            }
-        }
-        let rules: Vec<Rule> = merged.into_values().collect();
-        let mut entries: HashMap<u64, RuleEntry> = HashMap::with_capacity(rules.len());
-        for (id, rule) in rules.iter().enumerate() {
-            let action = match (rule.kind, rule.mode) {
-                (RuleKind::Allow, _) => Action::Allow,
-                (RuleKind::Deny, Mode::Enforce) => Action::Block,
-                (RuleKind::Deny, Mode::Audit) => Action::Audit,
-            };
-            let slot = RuleSlot::new(action, id as u32);
-            let entry = entries
-                .entry(rule.pattern.hash())
-                .or_insert(RuleEntry::EMPTY);
-            let target = match rule.pattern.kind() {
-                PatternKind::Exact => &mut entry.exact,
-                PatternKind::Subdomains => &mut entry.wildcard,
-            };
-            if target.is_set() {
-                // Two different names with one 64-bit hash: refuse rather
-                // than let one rule silently stand for the other.
-                let other = &rules[target.rule_id as usize];
-                return Err(PolicyError::Conflict {
-                    pattern: rule.pattern.to_string(),
-                    first: format!("{other} (same 64-bit hash)"),
-                    second: rule.to_string(),
-                });
-            }
-            *target = slot;
-        }
-        let label_mask = rules.iter().fold(0, |mask, rule| {
-            mask | label_bit(rule.pattern.base().split('.').count() as u32)
-        });
-        Ok(RuleSet {
-            rules,
-            entries,
-            label_mask,
-        })
-    }
-
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
-    }
-
-    pub fn rule(&self, id: u32) -> Option<&Rule> {
-        self.rules.get(id as usize)
-    }
-
-    /// The kernel rule map's contents, keyed by name hash.
-    pub fn entries(&self) -> &HashMap<u64, RuleEntry> {
-        &self.entries
-    }
-
-    /// What the kernel should decide for `name`: the same walk it makes.
-    pub fn decide(&self, name: &str) -> Option<(&Rule, Action)> {
-        let slot = decide_masked(name.as_bytes(), self.label_mask, |hash| {
-            self.entries.get(&hash).copied()
-        });
-        let action = Action::from_u8(slot.action);
-        (action != Action::None).then(|| (&self.rules[slot.rule_id as usize], action))
-    }
-
-    /// The label counts the rules' names have (see `label_bit`).
-    pub fn label_mask(&self) -> u64 {
-        self.label_mask
-    }
-
-    pub fn deny_count(&self) -> usize {
-        self.rules
-            .iter()
-            .filter(|r| r.kind == RuleKind::Deny)
-            .count()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,31 +292,6 @@ mod tests {
             e.starts_with("/nonexistent/guard.yaml: cannot read:"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn compile_merges_and_detects_conflicts() {
-        let a = parse("name: a\nmode: audit\ndeny: [x.internal, '*.y.internal']\n").unwrap();
-        let b = parse("name: b\ndeny: [X.Internal]\nallow: [ok.y.internal]\n").unwrap();
-        let set = RuleSet::compile(&[a.clone(), b.clone()], false).unwrap();
-        assert_eq!(set.rules().len(), 3);
-        let (rule, action) = set.decide("x.internal").unwrap();
-        assert_eq!(
-            (rule.pattern.to_string(), action),
-            ("x.internal".into(), Action::Block)
-        );
-        assert_eq!(set.decide("a.y.internal").unwrap().1, Action::Audit);
-        assert_eq!(set.decide("ok.y.internal").unwrap().1, Action::Allow);
-        assert!(set.decide("y.internal").is_none());
-
-        let forced = RuleSet::compile(&[a.clone(), b], true).unwrap();
-        assert_eq!(forced.decide("x.internal").unwrap().1, Action::Audit);
-
-        let c = parse("name: c\nallow: ['*.y.internal']\n").unwrap();
-        let e = RuleSet::compile(&[a, c], false).unwrap_err().to_string();
-        assert!(e.contains("*.y.internal"), "{e}");
-        assert!(e.contains("deny in policy a (p.yaml:3)"), "{e}");
-        assert!(e.contains("allow in policy c (p.yaml:2)"), "{e}");
     }
 
     #[test]

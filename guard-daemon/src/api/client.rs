@@ -18,9 +18,9 @@ use tokio::{
 
 use crate::{
     api::{self, Frame, Reply, Request, RunRequest, RunTotals, Status},
-    cgroup::remove_cgroup_tree,
     error::{Error, Result},
-    loader,
+    kernel,
+    kernel::cgroup::remove_cgroup_tree,
 };
 
 /// How long a finished run waits for a daemon that went away to come back
@@ -32,7 +32,7 @@ const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn own_object() -> String {
-    loader::object_fingerprint()
+    kernel::object_fingerprint()
 }
 
 pub enum Started {
@@ -509,7 +509,7 @@ fn event_text(event: &serde_json::Value) -> String {
             links
                 .iter()
                 .filter_map(|link| {
-                    serde_json::from_value::<crate::procs::ChainLink>(link.clone()).ok()
+                    serde_json::from_value::<crate::report::chains::ChainLink>(link.clone()).ok()
                 })
                 .map(|link| link.short())
                 .collect()

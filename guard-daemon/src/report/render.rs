@@ -372,7 +372,7 @@ mod tests {
             verdict: verdict.into(),
             name: name.into(),
             query_type: qtype.into(),
-            transport: crate::events::Transport::Udp,
+            transport: crate::kernel::records::Transport::Udp,
             resolver: "127.0.0.1:53".into(),
             source: "127.0.0.1:4000".into(),
             pid: 7,
@@ -380,7 +380,7 @@ mod tests {
             process_chain: chain
                 .iter()
                 .enumerate()
-                .map(|(i, a)| crate::procs::ChainLink {
+                .map(|(i, a)| crate::report::chains::ChainLink {
                     pid: i as u32 + 1,
                     argv: a.split(' ').map(String::from).collect(),
                     executable: None,

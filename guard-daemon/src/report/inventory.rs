@@ -12,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    procs::ChainLink,
+    report::chains::ChainLink,
     report::{load_versioned, EventRecord, RuleRef},
 };
 
@@ -251,7 +251,7 @@ mod tests {
             verdict: verdict.into(),
             name: name.into(),
             query_type: qtype.into(),
-            transport: crate::events::Transport::Udp,
+            transport: crate::kernel::records::Transport::Udp,
             resolver: "127.0.0.1:53".into(),
             source: "127.0.0.1:1".into(),
             pid: 1,

@@ -1,14 +1,18 @@
 //! What a run tells its user: a line per event as it happens, a summary on
 //! stderr when the command exits, and the JSON report (`--report`).
+pub mod chains;
+pub mod inventory;
+pub mod render;
+
 use std::time::{Duration, SystemTime};
 
 use guard_common::event::Verdict;
 use serde::{Deserialize, Serialize};
 
+use self::chains::ChainLink;
 use crate::{
-    events::{DnsQuery, Transport},
+    kernel::records::{DnsQuery, Transport},
     policy::{Mode, Rule, RuleSet},
-    procs::ChainLink,
 };
 
 pub const SCHEMA: &str = "guard.report/1";

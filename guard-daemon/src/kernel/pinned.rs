@@ -1,0 +1,250 @@
+//! The daemon's copy of the object, pinned under bpffs so that enforcement
+//! outlives the daemon process; generations of it, and their removal.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Map, MapData, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupSkb, CgroupSkbAttachType,
+    },
+};
+use guard_common::maps::{
+    BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, PROGRAM_DNS_EGRESS, RULES, SEEN,
+};
+
+use super::{
+    kernelfs::mount_kernel_fs,
+    maps::KernelMaps,
+    programs::{attach_egress, egress_stats, generation, LoadOptions, Programs},
+};
+use crate::error::{Error, Result};
+
+/// Maps the daemon keeps pinned (the scratch maps live as long as the
+/// program that uses them, which is pinned too).
+pub(super) const PINNED_MAPS: [&str; 6] =
+    [BINDINGS, RULES, EVENTS, COUNTERS, POLICY_COUNTERS, SEEN];
+
+/// Prefix of the pin of a cgroup's program link; the cgroup id follows.
+const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
+
+/// The daemon's copy of the object, pinned in `<root>/<generation>/`. The
+/// generation names the object and its load options, so a daemon adopts
+/// only what it would have loaded itself; anything else is an older
+/// version, replaced once the new one is in place.
+pub struct Pinned {
+    dir: PathBuf,
+    maps: std::collections::HashMap<&'static str, Map>,
+    egress: CgroupSkb,
+}
+
+impl Pinned {
+    /// Adopts the pinned generation that matches `options`, or loads,
+    /// attaches and pins a new one. Returns whether it was adopted.
+    pub fn open_or_create(root: &Path, options: &LoadOptions<'_>) -> Result<(Pinned, bool)> {
+        let dir = root.join(generation(options));
+        if dir.join(format!("map_{EVENTS}")).exists() {
+            return Ok((Pinned::open(&dir)?, true));
+        }
+        fs::create_dir_all(root).map_err(Error::io(format!("creating {}", root.display())))?;
+        // A daemon that died while pinning leaves a partial directory whose
+        // links keep the tracepoints attached: remove it first.
+        for partial in list_dirs(root).into_iter().filter(|d| is_partial(d)) {
+            remove_pins(&partial);
+        }
+        // (bpffs refuses names with dots, so no hidden names.)
+        let partial = root.join(format!(
+            "{PARTIAL_PREFIX}{}-{}",
+            generation(options),
+            std::process::id()
+        ));
+        fs::create_dir(&partial).map_err(Error::io(format!("creating {}", partial.display())))?;
+        let pinned = Programs::load(options).and_then(|mut programs| {
+            programs.attach_tracepoints()?;
+            programs.pin_into(&partial)
+        });
+        if let Err(e) = pinned {
+            remove_pins(&partial);
+            return Err(e);
+        }
+        // Rename is atomic: a crash leaves either the partial
+        // directory or the complete generation, never half of one.
+        fs::rename(&partial, &dir).map_err(Error::io(format!("renaming {}", partial.display())))?;
+        Ok((Pinned::open(&dir)?, false))
+    }
+
+    pub fn open(dir: &Path) -> Result<Pinned> {
+        let mut maps = std::collections::HashMap::new();
+        for name in PINNED_MAPS {
+            let data = MapData::from_pin(dir.join(format!("map_{name}")))
+                .map_err(|source| Error::Map { name, source })?;
+            let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
+            maps.insert(name, map);
+        }
+        let egress = CgroupSkb::from_pin(
+            dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")),
+            CgroupSkbAttachType::Egress,
+        )
+        .map_err(|source| Error::Program {
+            name: PROGRAM_DNS_EGRESS,
+            source,
+        })?;
+        Ok(Pinned {
+            dir: dir.to_owned(),
+            maps,
+            egress,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pinned generations under `root` other than this one.
+    pub fn other_generations(&self, root: &Path) -> Vec<PathBuf> {
+        list_dirs(root)
+            .into_iter()
+            .filter(|d| *d != self.dir && !is_partial(d))
+            .collect()
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.maps.remove(EVENTS).ok_or(Error::Missing(EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| Error::Map {
+            name: EVENTS,
+            source,
+        })
+    }
+
+    /// Attaches the DNS program to a cgroup with a pinned link, unless one
+    /// is pinned for it already.
+    pub fn attach_cgroup(&mut self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
+        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
+        if path.exists() {
+            return Ok(());
+        }
+        let id = attach_egress(&mut self.egress, cgroup)?;
+        let link = self.egress.take_link(id).map_err(|source| Error::Program {
+            name: PROGRAM_DNS_EGRESS,
+            source,
+        })?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| Error::Pin(PROGRAM_DNS_EGRESS.into(), e.to_string()))?;
+        link.pin(&path)
+            .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+        Ok(())
+    }
+
+    /// Detaches the DNS program from a cgroup (removing the pin is the
+    /// detach: nothing else holds the link).
+    pub fn detach_cgroup(&self, cgroup_id: u64) {
+        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            let _ = link.unpin();
+        }
+    }
+
+    /// Ids of the cgroups with a pinned link.
+    pub fn attached_cgroups(&self) -> Vec<u64> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix(CGROUP_LINK_PREFIX)?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    pub fn egress_stats(&self) -> Option<(u64, u64)> {
+        egress_stats(&self.egress)
+    }
+
+    /// Verified instructions of the DNS program.
+    pub fn egress_instructions(&self) -> Option<u32> {
+        self.egress
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count())
+    }
+}
+
+impl KernelMaps for Pinned {
+    fn map(&self, name: &'static str) -> Result<&Map> {
+        self.maps.get(name).ok_or(Error::Missing(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.maps.get_mut(name).ok_or(Error::Missing(name))
+    }
+}
+
+/// Unpins everything under `dir` and removes it: links go (detaching their
+/// programs), and maps and programs are freed once nothing else holds them.
+pub fn remove_pins(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_pins(&path);
+        } else {
+            let _ = fs::remove_file(&path);
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+fn list_dirs(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+const PARTIAL_PREFIX: &str = "partial-";
+
+fn is_partial(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(PARTIAL_PREFIX))
+}
+
+/// Makes sure a bpf filesystem is mounted at `root`'s mount point.
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    const BPFFS_MAGIC: i64 = 0xcafe_4a11;
+    let base = Path::new("/sys/fs/bpf");
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPFFS_MAGIC);
+    let mut probe = root.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if on_bpffs(&probe) {
+        return Ok(());
+    }
+    if root.starts_with(base) && !on_bpffs(base) {
+        mount_kernel_fs("bpf", base)
+            .map_err(|e| Error::io(format!("mounting bpffs on {}", base.display()))(e.into()))?;
+        return Ok(());
+    }
+    Err(Error::io(format!(
+        "{} is not on a bpf filesystem",
+        root.display()
+    ))(io::Error::from_raw_os_error(libc::EXDEV)))
+}

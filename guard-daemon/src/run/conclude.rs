@@ -1,0 +1,167 @@
+//! The end of a run: the report from what was seen, every output asked for,
+//! and guard's exit status.
+use std::{
+    fs::File,
+    io::{self, IsTerminal as _, Write as _},
+    os::unix::process::ExitStatusExt as _,
+    process::ExitStatus,
+    time::{Instant, SystemTime},
+};
+
+use super::{exit_code_of, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_SETUP_FAILED};
+use crate::{
+    api::RunTotals,
+    policy::{Mode, Policy},
+    report::{inventory::Inventory, render, CommandExit, EventRecord, PolicyRef, Report, SCHEMA},
+};
+
+/// Builds the report from what the run saw and writes every output asked
+/// for; returns guard's exit status.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conclude(
+    options: &RunOptions,
+    policies: &[Policy],
+    state: RunState<'_>,
+    status: ExitStatus,
+    totals: RunTotals,
+    path: &std::path::Path,
+    started: Instant,
+    started_at: SystemTime,
+) -> i32 {
+    let RunTotals {
+        counters,
+        events_lost,
+        seen,
+        program_stats,
+    } = totals;
+    let allowed_counts: std::collections::HashMap<(u64, u16), u64> = seen
+        .into_iter()
+        .map(|(hash, qtype, count)| ((hash, qtype), count))
+        .collect();
+    let drops =
+        counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
+    let reported = counters.audited + if options.audit { counters.malformed } else { 0 };
+    let command_code = exit_code_of(status);
+    let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) {
+        EXIT_BLOCKED
+    } else {
+        command_code
+    };
+    let command: Vec<String> = options
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let started_at = humantime::format_rfc3339_millis(started_at).to_string();
+    let (recorded, events): (Vec<EventRecord>, Vec<EventRecord>) = state
+        .events
+        .into_iter()
+        .partition(|e| e.verdict == "allowed");
+    let report = Report {
+        schema: SCHEMA.into(),
+        guard_version: env!("CARGO_PKG_VERSION").into(),
+        command: command.clone(),
+        command_exit: CommandExit {
+            code: status.code(),
+            signal: status.signal(),
+        },
+        exit_code,
+        mode: if options.audit {
+            Mode::Audit
+        } else {
+            Mode::Enforce
+        },
+        fail_on_block: options.fail_on_block,
+        policies: policies
+            .iter()
+            .map(|p| PolicyRef {
+                name: p.name.clone(),
+                source: p.source.as_ref().map(|s| s.display().to_string()),
+                mode: if options.audit { Mode::Audit } else { p.mode },
+            })
+            .collect(),
+        started_at: started_at.clone(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        cgroup: path.display().to_string(),
+        events,
+        events_lost,
+        events_omitted: state.omitted,
+        counters,
+        program_stats,
+    };
+    let color = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    eprint!("{}", render::text(&report, color));
+    if events_lost > 0 {
+        eprintln!("guard: warning: {events_lost} events did not fit in the ring buffer and are missing above (counters are exact)");
+    }
+    if exit_code == EXIT_BLOCKED {
+        let what = if drops > 0 {
+            "blocked"
+        } else {
+            "would have been blocked (--fail-on-block)"
+        };
+        eprintln!(
+            "guard: exit {EXIT_BLOCKED}: {} DNS lookup(s) {what} (the command itself exited with {command_code})",
+            drops.max(reported)
+        );
+    }
+    let mut failed_outputs = false;
+    let mut write = |path: &std::path::Path, text: &str, append: bool| {
+        if let Err(e) = write_text(path, text, append) {
+            eprintln!("guard: writing {}: {e}", path.display());
+            failed_outputs = true;
+        }
+    };
+    if std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true") {
+        for line in render::github_annotations(&report) {
+            println!("{line}");
+        }
+        if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|s| !s.is_empty()) {
+            write(
+                std::path::Path::new(&summary),
+                &render::markdown(&report),
+                true,
+            );
+        }
+    }
+    if let Some(path) = &options.summary_markdown {
+        write(path, &render::markdown(&report), false);
+    }
+    if let Some(path) = &options.junit {
+        write(path, &render::junit(&report), false);
+    }
+    if let Some(path) = &options.report {
+        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        write(path, &(json + "\n"), false);
+    }
+    if let Some(path) = &options.record {
+        let mut all = recorded;
+        all.extend(report.events.iter().cloned());
+        let inventory = Inventory::build(
+            command,
+            started_at,
+            &all,
+            &state.qtype_codes,
+            &allowed_counts,
+        );
+        let json = serde_json::to_string_pretty(&inventory).expect("a record serialises");
+        write(path, &(json + "\n"), false);
+    }
+    if failed_outputs {
+        return EXIT_SETUP_FAILED;
+    }
+    exit_code
+}
+
+fn write_text(path: &std::path::Path, text: &str, append: bool) -> io::Result<()> {
+    let mut file = if append {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+    } else {
+        File::create(path)?
+    };
+    file.write_all(text.as_bytes())
+}

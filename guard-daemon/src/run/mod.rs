@@ -1,0 +1,210 @@
+//! `guard run`: one command in its own guarded cgroup.
+//!
+//! Order matters and is the whole safety argument:
+//! 1. policies are validated (nothing runs on bad input);
+//! 2. the reaper is forked while the process is single-threaded;
+//! 3. the cgroup is created, programs loaded, rules and binding written,
+//!    programs attached;
+//! 4. only then is the command started, placing itself in the cgroup before
+//!    it execs, so no instruction of it runs unguarded;
+//! 5. when it exits, whatever it left in the cgroup is killed, the last
+//!    events are read, the report written, and everything removed.
+//!
+//! Set-up lives in [`standalone`] (own programs) or comes from the daemon
+//! (`crate::api::client`); [`supervise`] runs and watches the command;
+//! [`conclude`] turns what was seen into the report and the exit status;
+//! [`reaper`] cleans up after a guard that died.
+mod conclude;
+mod reaper;
+mod standalone;
+mod supervise;
+
+use std::{
+    ffi::OsString, io, os::unix::process::ExitStatusExt as _, path::PathBuf, process::ExitStatus,
+};
+
+use crate::{
+    api::{self, client, PolicyText, RunRequest},
+    error::{Error, PolicyError, Result},
+    policy::{compile, Policy, RuleSet},
+};
+use standalone::{Placement, Standalone};
+use supervise::{supervise, Backend};
+
+/// At least one lookup was blocked in enforce mode (the CI gate).
+pub const EXIT_BLOCKED: i32 = 77;
+/// guard could not set up enforcement (or its input was invalid); the
+/// command was not run.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// The command was found but could not be run.
+pub const EXIT_CANNOT_RUN: i32 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Event records kept in memory for the report; beyond this only the
+/// kernel's counters (exact) and `events_omitted` grow, so a command looping
+/// on a blocked name cannot make guard's memory grow without bound.
+const MAX_STORED_EVENTS: usize = 100_000;
+
+/// Distinct (name, query type) pairs `--record` counts in the kernel.
+const RECORD_CAPACITY: u32 = 65_536;
+
+/// errno the child reports when it cannot enter the cgroup. Chosen because
+/// exec never returns it, so it cannot be mistaken for "cannot run".
+const PLACEMENT_FAILED: i32 = libc::ENOTRECOVERABLE;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub command: Vec<OsString>,
+    pub policy_files: Vec<PathBuf>,
+    pub deny: Vec<String>,
+    pub allow: Vec<String>,
+    pub audit: bool,
+    pub fail_open: bool,
+    pub report: Option<PathBuf>,
+    pub dns_ports: Vec<u16>,
+    pub cgroup_parent: Option<PathBuf>,
+    pub quiet: bool,
+    pub ring_buffer_bytes: u32,
+    /// In audit mode, exit 77 when something would have been blocked.
+    pub fail_on_block: bool,
+    pub junit: Option<PathBuf>,
+    pub summary_markdown: Option<PathBuf>,
+    /// Write every resolved name (`--record`).
+    pub record: Option<PathBuf>,
+    /// Never use the daemon, even when one is running.
+    pub standalone: bool,
+}
+
+/// Runs the command under guard and returns guard's exit status.
+pub fn run(options: RunOptions) -> i32 {
+    if options.command.is_empty() {
+        eprintln!("guard: no command to run");
+        return EXIT_SETUP_FAILED;
+    }
+    let (texts, policies, rules) = match load_policies(&options) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            eprintln!("guard: the command was not run");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    if rules.deny_count() == 0 && !options.quiet {
+        eprintln!("guard: warning: no deny rules; nothing will be blocked");
+    }
+    if !options.standalone {
+        let request = RunRequest {
+            object: client::own_object(),
+            dns_ports: options.dns_ports.clone(),
+            policies: texts,
+            deny: options.deny.clone(),
+            allow: options.allow.clone(),
+            audit: options.audit,
+            record: options.record.is_some(),
+        };
+        match client::start_run(&api::socket_path(), &request) {
+            Ok(client::Started::Daemon(session)) => {
+                return match new_runtime() {
+                    Ok(runtime) => runtime.block_on(supervise(
+                        options,
+                        policies,
+                        rules,
+                        Backend::Daemon(session),
+                    )),
+                    Err(e) => setup_failed(&options, &e),
+                };
+            }
+            Ok(client::Started::NoDaemon) => {}
+            Ok(client::Started::Incompatible(message)) => {
+                if !options.quiet {
+                    eprintln!("guard: note: {message}; running standalone");
+                }
+            }
+            Err(e) => return setup_failed(&options, &e),
+        }
+    }
+    let placement = match Placement::prepare(&options) {
+        Ok(placement) => placement,
+        Err(e) => return setup_failed(&options, &e),
+    };
+    let runtime = match new_runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => return setup_failed(&options, &e),
+    };
+    runtime.block_on(async {
+        let backend = match Standalone::set_up(&options, &rules, placement) {
+            Ok(backend) => backend,
+            Err(e) => return setup_failed(&options, &e),
+        };
+        supervise(
+            options,
+            policies,
+            rules,
+            Backend::Standalone(Box::new(backend)),
+        )
+        .await
+    })
+}
+
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the async runtime"))
+}
+
+/// The policy files (their text travels to the daemon, which validates it
+/// again), the policies, and the compiled rules.
+fn load_policies(options: &RunOptions) -> Result<(Vec<PolicyText>, Vec<Policy>, RuleSet)> {
+    let mut texts = Vec::new();
+    let mut policies = Vec::new();
+    for path in &options.policy_files {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        policies.push(Policy::parse(&text, path)?);
+        texts.push(PolicyText {
+            path: path.clone(),
+            text,
+        });
+    }
+    let (policies, rules) = compile(policies, &options.deny, &options.allow, options.audit)?;
+    Ok((texts, policies, rules))
+}
+
+fn setup_failed(options: &RunOptions, error: &Error) -> i32 {
+    eprintln!("guard: cannot set up enforcement: {error}");
+    if !options.fail_open {
+        eprintln!("guard: the command was not run (use --fail-open to run it unguarded instead)");
+        return EXIT_SETUP_FAILED;
+    }
+    eprintln!("guard: WARNING: --fail-open: running the command WITHOUT any DNS guard");
+    let Some((program, args)) = options.command.split_first() else {
+        return EXIT_SETUP_FAILED;
+    };
+    match std::process::Command::new(program).args(args).status() {
+        Ok(status) => exit_code_of(status),
+        Err(e) => spawn_error_code(program, &e),
+    }
+}
+
+/// The shell's convention: 128 + signal number for a command killed by one.
+pub fn exit_code_of(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => EXIT_SETUP_FAILED,
+    }
+}
+
+/// `env`'s convention: 127 when the command is not found, 126 otherwise.
+fn spawn_error_code(program: &std::ffi::OsStr, error: &io::Error) -> i32 {
+    eprintln!("guard: {}: {error}", program.to_string_lossy());
+    if error.kind() == io::ErrorKind::NotFound {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_CANNOT_RUN
+    }
+}

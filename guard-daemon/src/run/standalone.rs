@@ -1,0 +1,192 @@
+//! A standalone run: its own cgroup, reaper and freshly loaded programs.
+use std::{
+    hash::{BuildHasher, Hasher},
+    path::PathBuf,
+    time::Instant,
+};
+
+use aya::maps::{MapData, RingBuf};
+use guard_common::maps::{Binding, Counter};
+
+use super::{
+    reaper::{self, Reaper},
+    RunOptions, RECORD_CAPACITY,
+};
+use crate::{
+    api::RunTotals,
+    error::Result,
+    kernel::{
+        cgroup::{run_cgroup_name, sweep_stale_runs, Hierarchy, RunCgroup},
+        KernelMaps as _, LoadOptions, Programs,
+    },
+    policy::RuleSet,
+    report::{Counters, ProgramStats},
+};
+
+/// Where the run's cgroup goes, decided (and the reaper started) while the
+/// process is still single-threaded.
+pub(super) struct Placement {
+    pub(super) hierarchy: Hierarchy,
+    pub(super) path: PathBuf,
+    pub(super) reaper: Reaper,
+}
+
+impl Placement {
+    pub(super) fn prepare(options: &RunOptions) -> Result<Placement> {
+        let nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let hierarchy = Hierarchy::find_or_mount(&format!("{}-{nonce:x}", std::process::id()))?;
+        let parent = match &options.cgroup_parent {
+            Some(parent) => parent.clone(),
+            None => hierarchy.own_cgroup()?,
+        };
+        for stale in sweep_stale_runs(&parent) {
+            tracing::warn!(cgroup = %stale.display(), "removed the cgroup of a guard run that died");
+        }
+        let path = parent.join(run_cgroup_name(std::process::id(), nonce));
+        let reaper = reaper::spawn(&path, hierarchy.private_mount())?;
+        Ok(Placement {
+            hierarchy,
+            path,
+            reaper,
+        })
+    }
+}
+
+/// A standalone run's own programs and cgroup. Dropping it detaches the
+/// programs and removes the cgroup, on every path out.
+pub(super) struct Enforcement {
+    pub(super) programs: Programs,
+    pub(super) cgroup: Option<RunCgroup>,
+}
+
+/// A run that loaded its own programs.
+pub(super) struct Standalone {
+    pub(super) enforcement: Enforcement,
+    pub(super) ring: RingBuf<MapData>,
+    pub(super) reaper: Reaper,
+    pub(super) hierarchy: Hierarchy,
+    pub(super) path: PathBuf,
+}
+
+impl Standalone {
+    pub(super) fn set_up(
+        options: &RunOptions,
+        rules: &RuleSet,
+        placement: Placement,
+    ) -> Result<Standalone> {
+        let Placement {
+            hierarchy,
+            path,
+            reaper,
+        } = placement;
+        let (enforcement, ring) = Enforcement::set_up(options, rules, &path)?;
+        Ok(Standalone {
+            enforcement,
+            ring,
+            reaper,
+            hierarchy,
+            path,
+        })
+    }
+}
+
+impl Enforcement {
+    pub(super) fn set_up(
+        options: &RunOptions,
+        rules: &RuleSet,
+        path: &std::path::Path,
+    ) -> Result<(Enforcement, RingBuf<MapData>)> {
+        let t = Instant::now();
+        let cgroup = RunCgroup::create(path)?;
+        tracing::debug!(elapsed = ?t.elapsed(), "cgroup created");
+        let setup = || -> Result<(Programs, RingBuf<MapData>)> {
+            let mut programs = Programs::load(&LoadOptions {
+                dns_ports: &options.dns_ports,
+                rule_capacity: rules.entries().len() as u32,
+                ring_buffer_bytes: options.ring_buffer_bytes,
+                record_capacity: if options.record.is_some() {
+                    RECORD_CAPACITY
+                } else {
+                    0
+                },
+                policy_capacity: 1,
+            })?;
+            tracing::debug!(elapsed = ?t.elapsed(), "programs loaded");
+            programs.install_rules(0, rules.entries())?;
+            programs.bind(
+                cgroup.id(),
+                Binding {
+                    policy_id: 0,
+                    audit_only: u8::from(options.audit),
+                    record: u8::from(options.record.is_some()),
+                    _pad: [0; 2],
+                    label_mask: rules.label_mask(),
+                },
+            )?;
+            programs.attach_tracepoints()?;
+            tracing::debug!(elapsed = ?t.elapsed(), "tracepoints attached");
+            programs.attach_cgroup(cgroup.dir())?;
+            tracing::debug!(elapsed = ?t.elapsed(), "cgroup program attached");
+            let events = programs.take_events()?;
+            Ok((programs, events))
+        };
+        match setup() {
+            Ok((programs, events)) => Ok((
+                Enforcement {
+                    programs,
+                    cgroup: Some(cgroup),
+                },
+                events,
+            )),
+            Err(e) => {
+                let _ = cgroup.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// What the report needs from the kernel once the command is done.
+    pub(super) fn totals(&self, record: bool) -> RunTotals {
+        let read = |c| self.programs.counter(c).unwrap_or(0);
+        RunTotals {
+            counters: Counters {
+                inspected: read(Counter::Inspected),
+                blocked: read(Counter::Blocked),
+                audited: read(Counter::Audited),
+                malformed: read(Counter::Malformed),
+                unbound: read(Counter::Unbound),
+            },
+            events_lost: read(Counter::EventsLost),
+            seen: if record {
+                self.programs
+                    .seen_counts(0)
+                    .into_iter()
+                    .map(|((hash, qtype), count)| (hash, qtype, count))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            program_stats: self
+                .programs
+                .egress_stats()
+                .map(|(runs, ns)| ProgramStats::new(runs, ns)),
+        }
+    }
+
+    pub(super) fn remove_cgroup(&mut self) -> Result<()> {
+        match self.cgroup.take() {
+            Some(cgroup) => cgroup.remove(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Enforcement {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_cgroup() {
+            eprintln!("guard: {e}");
+        }
+    }
+}

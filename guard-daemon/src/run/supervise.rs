@@ -1,0 +1,382 @@
+//! The command under guard: started inside the cgroup, signals forwarded,
+//! records turned into report entries as they arrive.
+use std::{
+    collections::HashSet,
+    io,
+    os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
+    process::ExitStatus,
+    time::{Instant, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use guard_common::event::Verdict;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use super::{
+    conclude::conclude, setup_failed, spawn_error_code, standalone::Standalone, RunOptions,
+    EXIT_SETUP_FAILED, MAX_STORED_EVENTS, PLACEMENT_FAILED,
+};
+use crate::{
+    api::{client, RunTotals},
+    error::{Error, Result},
+    kernel::{
+        cgroup::RunCgroup,
+        records::{decode, DnsQuery, Record, Transport},
+        sockdiag,
+    },
+    policy::{Policy, RuleSet},
+    report::{chains::ProcessTable, Clock, EventRecord},
+};
+
+/// Where the run's enforcement lives.
+pub(super) enum Backend {
+    Standalone(Box<Standalone>),
+    Daemon(client::RunSession),
+}
+
+/// Where the run's events come from while the command runs.
+pub(super) enum Events {
+    Ring(AsyncFd<RingBuf<MapData>>),
+    Daemon(client::RunSession),
+}
+
+pub(super) async fn supervise(
+    options: RunOptions,
+    policies: Vec<Policy>,
+    rules: RuleSet,
+    backend: Backend,
+) -> i32 {
+    let started = Instant::now();
+    let started_at = SystemTime::now();
+    let (path, procs, standalone, mut events) = match backend {
+        Backend::Standalone(standalone) => {
+            let Standalone {
+                enforcement,
+                ring,
+                reaper,
+                hierarchy,
+                path,
+            } = *standalone;
+            let procs = match enforcement
+                .cgroup
+                .as_ref()
+                .map(RunCgroup::procs_for_writing)
+            {
+                Some(Ok(procs)) => procs,
+                Some(Err(e)) => return setup_failed(&options, &e),
+                None => unreachable!("cgroup is present until removal"),
+            };
+            // SAFETY: the ring buffer owns its descriptor and keeps it open,
+            // with the same description, for as long as the AsyncFd holds it.
+            let registered =
+                unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+            let ring = match registered.map_err(|e| e.into_parts().1) {
+                Ok(ring) => ring,
+                Err(e) => {
+                    return setup_failed(&options, &Error::io("watching the event ring buffer")(e))
+                }
+            };
+            (
+                path,
+                procs,
+                Some((enforcement, reaper, hierarchy)),
+                Events::Ring(ring),
+            )
+        }
+        Backend::Daemon(session) => {
+            let path = session.cgroup().to_owned();
+            let procs = match crate::kernel::cgroup::procs_for_writing(&path) {
+                Ok(procs) => procs,
+                Err(error) => {
+                    // Ending the session makes the daemon remove the cgroup.
+                    drop(session);
+                    return setup_failed(&options, &error);
+                }
+            };
+            (path, procs, None, Events::Daemon(session))
+        }
+    };
+
+    let (program, args) = options
+        .command
+        .split_first()
+        .expect("run() checked the command is not empty");
+    let mut command = tokio::process::Command::new(program);
+    command.args(args);
+    let procs_fd = procs.as_raw_fd();
+    // SAFETY: the closure only calls write(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // Enter the guarded cgroup before exec: if this fails the command
+            // never starts.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::from_raw_os_error(PLACEMENT_FAILED));
+            }
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.raw_os_error() == Some(PLACEMENT_FAILED) => {
+            drop(events);
+            drop(standalone);
+            return setup_failed(&options, &Error::io("placing the command in its cgroup")(e));
+        }
+        Err(e) => {
+            drop(events);
+            drop(standalone);
+            return spawn_error_code(program, &e);
+        }
+    };
+    drop(procs);
+    let child_pid = child.id().unwrap_or(0);
+
+    let mut state = RunState::new(child_pid, &rules, options.quiet);
+    let status = match wait_forwarding_signals(&mut child, &mut events, &mut state).await {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            let _ = child.start_kill();
+            child
+                .wait()
+                .await
+                .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
+        }
+    };
+
+    // Processes the command left behind are killed with the cgroup; the
+    // events they and the command produced are all in the ring by now.
+    let totals = match (events, standalone) {
+        (Events::Ring(mut ring), Some((mut enforcement, reaper, hierarchy))) => {
+            let t = Instant::now();
+            if let Err(e) = enforcement.remove_cgroup() {
+                eprintln!("guard: {e}");
+            }
+            tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
+            state.drain(ring.get_mut());
+            let totals = enforcement.totals(options.record.is_some());
+            let t = Instant::now();
+            drop(enforcement);
+            tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
+            drop(reaper);
+            drop(hierarchy);
+            totals
+        }
+        (Events::Daemon(session), _) => {
+            match session.finish(|bytes| state.feed(bytes)).await {
+                Ok(totals) => totals,
+                Err(e) => {
+                    eprintln!("guard: {e}");
+                    eprintln!("guard: the daemon did not report the run's counters; they are missing below");
+                    return conclude(
+                        &options,
+                        &policies,
+                        state,
+                        status,
+                        RunTotals::default(),
+                        &path,
+                        started,
+                        started_at,
+                    )
+                    .max(EXIT_SETUP_FAILED);
+                }
+            }
+        }
+        (Events::Ring(_), None) => unreachable!("a ring comes with standalone enforcement"),
+    };
+    conclude(
+        &options, &policies, state, status, totals, &path, started, started_at,
+    )
+}
+
+async fn wait_forwarding_signals(
+    child: &mut tokio::process::Child,
+    events: &mut Events,
+    state: &mut RunState<'_>,
+) -> Result<ExitStatus> {
+    let listen = |kind: SignalKind| signal(kind).map_err(Error::io("installing signal handlers"));
+    let mut interrupt = listen(SignalKind::interrupt())?;
+    let mut terminate = listen(SignalKind::terminate())?;
+    let mut hangup = listen(SignalKind::hangup())?;
+    let mut quit = listen(SignalKind::quit())?;
+    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let forward = |signal: nix::sys::signal::Signal| {
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    };
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.map_err(Error::io("waiting for the command")),
+            batch = next_events(events) => match batch? {
+                Batch::Ring => {
+                    if let Events::Ring(ring) = events {
+                        state.drain(ring.get_mut());
+                    }
+                }
+                Batch::Record(bytes) => state.feed(&bytes),
+            },
+            _ = interrupt.recv() => {
+                // Ctrl-C at a terminal reaches the command directly (same
+                // process group); forwarding it too would deliver it twice.
+                if !in_terminal_foreground() {
+                    forward(nix::sys::signal::Signal::SIGINT);
+                }
+            }
+            _ = terminate.recv() => forward(nix::sys::signal::Signal::SIGTERM),
+            _ = hangup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
+            _ = quit.recv() => forward(nix::sys::signal::Signal::SIGQUIT),
+        }
+    }
+}
+
+enum Batch {
+    /// The ring buffer has records.
+    Ring,
+    /// One record from the daemon.
+    Record(Vec<u8>),
+}
+
+/// Waits for the next events (cancel-safe: both sources keep their place).
+async fn next_events(events: &mut Events) -> Result<Batch> {
+    match events {
+        Events::Ring(ring) => {
+            let mut guard = ring
+                .readable_mut()
+                .await
+                .map_err(Error::io("reading events"))?;
+            guard.clear_ready();
+            Ok(Batch::Ring)
+        }
+        Events::Daemon(session) => Ok(Batch::Record(session.next_record().await)),
+    }
+}
+
+fn in_terminal_foreground() -> bool {
+    let stdin = std::io::stdin();
+    match nix::unistd::tcgetpgrp(&stdin) {
+        Ok(foreground) => foreground == nix::unistd::getpgrp(),
+        Err(_) => false,
+    }
+}
+
+/// Turns records into report entries as they arrive.
+pub(super) struct RunState<'a> {
+    pub(super) table: ProcessTable,
+    pub(super) rules: &'a RuleSet,
+    pub(super) clock: Clock,
+    pub(super) quiet: bool,
+    pub(super) events: Vec<EventRecord>,
+    /// (socket cookie, sequence) of TCP segments already reported, so
+    /// retransmits of one query are counted once.
+    pub(super) seen_segments: HashSet<(u64, u32)>,
+    pub(super) ended_sockets: HashSet<u64>,
+    /// Query type names seen, with their codes (to match the kernel's counts).
+    pub(super) qtype_codes: std::collections::HashMap<String, u16>,
+    /// Events past `MAX_STORED_EVENTS`, counted only.
+    pub(super) omitted: u64,
+}
+
+impl<'a> RunState<'a> {
+    pub(super) fn new(root: u32, rules: &'a RuleSet, quiet: bool) -> RunState<'a> {
+        RunState {
+            table: ProcessTable::new(root),
+            rules,
+            clock: Clock::new(),
+            quiet,
+            events: Vec::new(),
+            seen_segments: HashSet::new(),
+            ended_sockets: HashSet::new(),
+            qtype_codes: std::collections::HashMap::new(),
+            omitted: 0,
+        }
+    }
+
+    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let record = decode(&item);
+            drop(item);
+            self.on_record(record);
+        }
+    }
+
+    /// One raw record, as the daemon forwards them.
+    pub(super) fn feed(&mut self, bytes: &[u8]) {
+        self.on_record(decode(bytes));
+    }
+
+    fn on_record(&mut self, record: Option<Record>) {
+        match record {
+            Some(Record::Dns(query)) => self.on_query(query),
+            Some(Record::Exec {
+                tid, path, args, ..
+            }) => self.table.on_exec(tid, path, args),
+            Some(Record::ExecResult { pid, tid, ret }) => self.table.on_exec_result(pid, tid, ret),
+            Some(Record::Fork {
+                parent,
+                child,
+                comm,
+            }) => self.table.on_fork(parent, child, comm),
+            None => tracing::warn!("undecodable event record"),
+        }
+    }
+
+    fn on_query(&mut self, query: DnsQuery) {
+        let mut ended = None;
+        if query.verdict.dropped() && self.ended_sockets.insert(query.socket_cookie) {
+            let protocol = match query.transport {
+                Transport::Tcp => sockdiag::Protocol::Tcp,
+                Transport::Udp => sockdiag::Protocol::Udp,
+            };
+            let result =
+                sockdiag::destroy(protocol, query.source, query.resolver, query.socket_cookie);
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, transport = %query.transport, "could not end the blocked query's socket");
+            }
+            ended = Some(result.is_ok());
+        }
+        if query.transport == Transport::Tcp
+            && !self
+                .seen_segments
+                .insert((query.socket_cookie, query.tcp_seq))
+        {
+            return;
+        }
+        if self.events.len() >= MAX_STORED_EVENTS {
+            self.omitted += 1;
+            return;
+        }
+        self.check_against_userspace(&query);
+        let mut record =
+            EventRecord::new(&query, self.table.chain(query.pid), self.rules, &self.clock);
+        record.socket_ended = ended;
+        self.qtype_codes
+            .insert(record.query_type.clone(), query.qtype);
+        if !self.quiet && query.verdict != Verdict::Allowed {
+            eprintln!("{}", record.line());
+        }
+        self.events.push(record);
+    }
+
+    /// The kernel matches by 64-bit hash; confirm the rule really matches
+    /// the name, so a collision could never be reported as a true match.
+    fn check_against_userspace(&self, query: &DnsQuery) {
+        if !matches!(query.verdict, Verdict::Blocked | Verdict::Audited) {
+            return;
+        }
+        let expected = self
+            .rules
+            .decide(&query.name)
+            .map(|(rule, _)| rule.pattern.to_string());
+        let reported = query
+            .rule_id
+            .and_then(|id| self.rules.rule(id))
+            .map(|r| r.pattern.to_string());
+        if expected != reported {
+            tracing::error!(name = %query.name, ?expected, ?reported, "kernel and userspace disagree on the matching rule");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! `J` carries one JSON [`Request`] or [`Reply`]; `E` carries one raw kernel
 //! record, byte for byte as the ring buffer held it, so a `guard run`
 //! client decodes and attributes events with the same code as standalone.
+pub mod admin;
 pub mod client;
 
 use std::path::PathBuf;

@@ -2,7 +2,9 @@
 //! userspace (`guard-daemon`).
 //!
 //! Everything here is `no_std` so the kernel side can use it; the `user`
-//! feature adds what only userspace needs (aya `Pod` impls, pattern parsing).
+//! feature adds what only userspace needs: each shared module keeps its
+//! userspace half in a `user.rs` beside it (aya `Pod` impls), and
+//! [`pattern`] (parsing names as users write them) is userspace only.
 //! Layouts are `#[repr(C)]` and checked by size assertions, because the two
 //! sides are compiled by different compilers for different targets.
 #![no_std]
@@ -16,5 +18,3 @@ pub mod matching;
 
 #[cfg(feature = "user")]
 pub mod pattern;
-#[cfg(feature = "user")]
-mod user;

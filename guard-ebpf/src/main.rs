@@ -1,10 +1,15 @@
-//! guard's kernel programs.
+//! guard's kernel programs, one file per hook:
 //!
-//! - `dns_egress` (cgroup_skb/egress): reads every DNS query a guarded cgroup
-//!   sends and drops those whose name a deny rule matches.
-//! - `exec_enter`, `exec_exit`, `process_fork` (tracepoints): record what runs
-//!   in guarded cgroups, so every blocked query can be attributed to a process
-//!   chain with arguments even when the processes have already exited.
+//! - [`egress`] `dns_egress` (cgroup_skb/egress): reads every DNS query a
+//!   guarded cgroup sends and drops those whose name a deny rule matches.
+//! - [`process`] `exec_enter`, `exec_exit`, `process_fork` (tracepoints):
+//!   record what runs in guarded cgroups, so every blocked query can be
+//!   attributed to a process chain with arguments even when the processes
+//!   have already exited.
+//!
+//! Shared by the hooks: [`packet`] (where a packet's parts are), [`wire`]
+//! (reading and deciding a DNS question), [`verdict`] (counting, reporting,
+//! passing or dropping), [`maps`] (maps and globals).
 //!
 //! On a host build this crate is an empty binary, so `cargo clippy --workspace`
 //! works; the real object is built for `bpfel-unknown-none` by guard-daemon's
@@ -13,11 +18,17 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod dns;
+mod egress;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod process;
+#[cfg(target_arch = "bpf")]
+mod verdict;
+#[cfg(target_arch = "bpf")]
+mod wire;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

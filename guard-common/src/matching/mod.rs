@@ -14,6 +14,9 @@
 //! Names are compared in lower case: DNS is case-insensitive and resolvers
 //! randomise case (0x20 encoding), so a case-sensitive match is a bypass.
 
+#[cfg(feature = "user")]
+mod user;
+
 /// FNV-1a 64-bit offset basis.
 pub const HASH_INIT: u64 = 0xcbf2_9ce4_8422_2325;
 const HASH_PRIME: u64 = 0x0000_0100_0000_01b3;

@@ -1,6 +1,9 @@
 //! Names and value types of the maps and globals of the kernel object. The
 //! kernel side declares them; userspace finds them by these names.
 
+#[cfg(feature = "user")]
+mod user;
+
 /// cgroup id -> [`Binding`]: which policy guards which cgroup.
 pub const BINDINGS: &str = "BINDINGS";
 /// [`crate::matching::RuleKey`] -> [`crate::matching::RuleEntry`].

@@ -179,7 +179,7 @@ async fn run_session(
     start: Msg,
     answer: oneshot::Receiver<Reply>,
     mut frames: mpsc::Receiver<Frame>,
-    mut reader: tokio::net::unix::OwnedReadHalf,
+    reader: tokio::net::unix::OwnedReadHalf,
     mut writer: tokio::net::unix::OwnedWriteHalf,
     tx: mpsc::Sender<Msg>,
     token: u64,
@@ -202,6 +202,10 @@ async fn run_session(
         let _ = tx.send(Msg::Detached { policy_id, token }).await;
         return;
     }
+    // Requests are read by a task of their own: reading a frame is not
+    // cancel-safe, and in the select below a record to forward would cut a
+    // half-read `finish` off and desynchronise the stream.
+    let mut requests = read_requests(reader);
     let mut finishing = false;
     loop {
         tokio::select! {
@@ -215,8 +219,8 @@ async fn run_session(
                 // The daemon sent the totals and closed the session.
                 None => return,
             },
-            request = api::read_json::<_, Request>(&mut reader), if !finishing => match request {
-                Ok(Some(Request::Finish)) => {
+            request = requests.recv(), if !finishing => match request {
+                Some(Ok(Some(Request::Finish))) => {
                     finishing = true;
                     let _ = tx.send(Msg::Finish { policy_id }).await;
                 }
@@ -228,4 +232,22 @@ async fn run_session(
             },
         }
     }
+}
+
+/// The requests of a connection, read in order by a task of their own; the
+/// channel ends after the first end of stream or error (passed on).
+fn read_requests(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+) -> mpsc::Receiver<std::io::Result<Option<Request>>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let request = api::read_json::<_, Request>(&mut reader).await;
+            let last = !matches!(request, Ok(Some(_)));
+            if tx.send(request).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
 }

@@ -22,7 +22,7 @@ fn main() {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
-                 setup   install the nightly rust-src, bpf-linker and the test tools if missing\n  \
+                 setup   install the nightly rust-src, bpf-linker, cargo-deb and the test tools if missing\n  \
                  test    setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
                  demo    setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
                  bench   what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)"
@@ -39,6 +39,7 @@ fn main() {
 fn test() -> Result<()> {
     require_root("test")?;
     setup::setup()?;
+    setup::require_tools()?;
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo").args([
         "clippy",

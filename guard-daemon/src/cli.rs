@@ -84,7 +84,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct DaemonArgs {
-    /// The configuration file.
+    /// The configuration file; without one the daemon starts with the
+    /// defaults and no bindings.
     #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_CONFIG)]
     config: PathBuf,
     /// Log format on stderr (journald keeps either).

@@ -63,7 +63,13 @@ pub struct DaemonOptions {
 
 /// `guard daemon`: returns the process exit status.
 pub fn main(options: DaemonOptions) -> i32 {
-    let config = match Config::load(&options.config) {
+    if !options.config.exists() {
+        tracing::warn!(
+            config = %options.config.display(),
+            "no configuration file: starting with the defaults and no bindings"
+        );
+    }
+    let config = match Config::load_or_default(&options.config) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("guard daemon: {e}");
@@ -95,7 +101,7 @@ pub fn main(options: DaemonOptions) -> i32 {
 /// `guard daemon --uninstall`: removes everything the daemon pinned and the
 /// runs cgroup. Refused while a daemon answers on the socket.
 pub fn uninstall(config_path: &Path) -> i32 {
-    let config = match Config::load(config_path) {
+    let config = match Config::load_or_default(config_path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("guard daemon: {e}");

@@ -212,6 +212,12 @@ fn ring_size(text: &str) -> Result<u32, String> {
     Ok(size)
 }
 
+/// The command-line definition, for generating shell completions and man
+/// pages from it (`cargo xtask dist`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | dist`.
 //!
-//! `test` and `demo` install what they need first (`setup`), so on a fresh
-//! machine each is the one command to type. Both need root: they load eBPF
+//! Each installs what it needs first (`setup`), so on a fresh machine each
+//! is the one command to type. All but `dist` need root: they load eBPF
 //! programs and create cgroups.
 mod bench;
 mod demo;
+mod dist;
 mod setup;
 
 use std::process::{Command, Stdio};
@@ -18,14 +19,16 @@ fn main() {
         "test" => test(),
         "demo" => demo::demo(),
         "bench" => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "dist" => dist::dist(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
-                 setup   install the nightly rust-src, bpf-linker, cargo-deb and the test tools if missing\n  \
-                 test    setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
-                 demo    setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
-                 bench   what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)"
+                 setup         install the nightly rust-src, bpf-linker, cargo-deb and the test tools if missing\n  \
+                 test          setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
+                 demo          setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
+                 bench         what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)\n  \
+                 dist          the Debian package: target/debian/guard_<version>_<arch>.deb"
             );
             std::process::exit(2);
         }
@@ -75,6 +78,13 @@ fn test() -> Result<()> {
     bench::bench(&["--smoke".to_string()])
 }
 
+pub fn workspace_root() -> Result<std::path::PathBuf> {
+    Ok(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned())
+}
+
 /// Runs the tests, echoing their output, and closes with one total line:
 /// cargo's own last line is about whichever test binary ran last (often a
 /// crate without doc-tests), not about the run.
@@ -115,10 +125,7 @@ fn cargo_test() -> Result<()> {
 /// Builds every binary in release mode; returns (workspace root, binary dir).
 pub fn release_binaries() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
+    let root = workspace_root()?;
     let bin = root.join("target/release");
     Ok((root, bin))
 }

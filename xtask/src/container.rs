@@ -165,12 +165,6 @@ pub struct Container {
 impl Container {
     /// Unpacks the root file system into `work/root`. Nothing runs yet.
     pub fn create(work: &Path, tarball: &Path) -> Result<Container> {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
-            }
-        }
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
         let cgroup2 = mountinfo
             .lines()
@@ -197,6 +191,13 @@ impl Container {
             nspawn: None,
             pid1: 0,
         };
+        // From here on Drop restores the default dispositions.
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
+            }
+        }
         remove_tree(&container.root)?;
         fs::create_dir_all(&container.root)?;
         run(Command::new("tar")
@@ -530,8 +531,19 @@ fn remove_cgroup(dir: &Path) -> std::io::Result<()> {
     fs::remove_dir(dir)
 }
 
-/// `rm -rf --one-file-system`: never into a mount left behind.
+/// `rm -rf --one-file-system`, after unmounting what an interrupted run
+/// left mounted below `dir` (debootstrap mounts /proc and /sys there).
 fn remove_tree(dir: &Path) -> Result<()> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in mounts {
+        run(Command::new("umount").arg("--lazy").arg(mount))?;
+    }
     if dir.exists() {
         run(Command::new("rm")
             .args(["-rf", "--one-file-system"])

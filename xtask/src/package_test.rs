@@ -119,10 +119,14 @@ fn cases_in(c: &mut Container, deb: &Path, cases: &mut Cases) -> Result<()> {
     cases.case(
         "apt installs the package; guard.service is enabled and active, with no bindings",
         || {
+            // As on a machine where nothing mounted bpffs: the service must
+            // mount it where everyone sees it, not in its own namespace.
+            c.sh_ok("umount /sys/fs/bpf && ! mountpoint -q /sys/fs/bpf", 10)?;
             c.sh_ok(
                 &format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q {deb_inside}"),
                 300,
             )?;
+            c.sh_ok("mountpoint -q /sys/fs/bpf && test -d /sys/fs/bpf/guard", 10)?;
             expect_eq(
                 &c.sh_ok("systemctl is-enabled guard.service", 10)?,
                 "enabled",

@@ -46,8 +46,8 @@ fn main() {
 
 fn test() -> Result<()> {
     require_root("test")?;
+    // Ends by checking that every command the tests run is there.
     setup::setup()?;
-    setup::require_tools()?;
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo").args([
         "clippy",
@@ -88,7 +88,6 @@ fn test() -> Result<()> {
 fn test_package() -> Result<()> {
     require_root("test-package")?;
     setup::setup()?;
-    setup::require_tools()?;
     package_test::package_test(&workspace_root()?, &dist::build()?)
 }
 

@@ -24,6 +24,7 @@ pub fn setup() -> Result<()> {
     nightly_with_rust_src()?;
     bpf_linker()?;
     test_tools()?;
+    require_tools()?;
     println!("setup: everything needed is installed");
     Ok(())
 }
@@ -214,30 +215,27 @@ fn package_installed(package: &str) -> bool {
         .is_ok_and(|status| status.ends_with(" installed"))
 }
 
-/// Fails, naming each missing command and its package, unless every command
-/// the tests run is there (the start of `cargo xtask test`, after setup).
-pub fn require_tools() -> Result<()> {
-    let missing: Vec<&Tool> = missing_tools().collect();
+/// Fails, naming each missing command and its Debian package, unless every
+/// command the tests run is there: the end of setup, so the start of
+/// `cargo xtask test`, which would otherwise fail obscurely in some test.
+fn require_tools() -> Result<()> {
     if !succeeds(Command::new("cargo").args(["deb", "--version"])) {
         bail!(
-            "the tests need `cargo deb` (cargo install cargo-deb --locked --version {CARGO_DEB_VERSION}), \
-             which `cargo xtask setup` installs"
+            "the tests need `cargo deb`, which is missing \
+             (cargo install cargo-deb --locked --version {CARGO_DEB_VERSION})"
         );
     }
+    let missing: Vec<&Tool> = missing_tools().collect();
     if !missing.is_empty() {
+        let packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
         bail!(
-            "the tests need commands that are missing: {}; `cargo xtask setup` installs them \
-             (apt-get install {})",
+            "the tests need commands that are missing: {} (apt-get install {})",
             missing
                 .iter()
-                .map(|t| format!("`{}` (Debian package {})", t.command, t.package))
+                .map(|t| format!("`{}` from Debian package {}", t.command, t.package))
                 .collect::<Vec<_>>()
                 .join(", "),
-            missing
-                .iter()
-                .map(|t| t.package)
-                .collect::<Vec<_>>()
-                .join(" ")
+            packages.join(" ")
         );
     }
     Ok(())
@@ -266,6 +264,8 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
+        // Another apt (unattended-upgrades on a fresh machine) may hold it.
+        .args(["-o", "DPkg::Lock::Timeout=300"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -323,6 +323,29 @@ fn cases_in(c: &mut Container, deb: &Path, cases: &mut Cases) -> Result<()> {
         Ok(())
     })?;
 
+    cases.case(
+        "an upgrade (reinstall) restarts the daemon, keeps the edited conffile, and the bound unit guarded",
+        || {
+            let (agent, daemon) = (main_pid(c, "deploy-agent")?, main_pid(c, "guard")?);
+            c.sh_ok(
+                &format!(
+                    "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall {deb_inside}"
+                ),
+                300,
+            )?;
+            ensure!(is_active(c, "guard")?, "guard.service is not active after the upgrade");
+            ensure!(main_pid(c, "guard")? != daemon, "the upgrade did not restart the daemon");
+            ensure!(main_pid(c, "deploy-agent")? == agent, "deploy-agent.service was restarted");
+            ensure!(
+                fs::read_to_string(c.path("/etc/guard/daemon.yaml"))? == BOUND_CONFIG,
+                "the upgrade replaced the edited /etc/guard/daemon.yaml"
+            );
+            ensure!(binding(c, "deploy-agent.service")?["cgroup"].is_string(), "binding lost");
+            wait_for_lookups(c, 3)?;
+            Ok(())
+        },
+    )?;
+
     cases.case("`systemctl stop guard`: the bound unit keeps running, still refused (enforcement is pinned)", || {
         let agent = main_pid(c, "deploy-agent")?;
         c.sh_ok("systemctl stop guard", 30)?;

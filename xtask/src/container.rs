@@ -235,7 +235,7 @@ impl Container {
         command
             .arg("-D")
             .arg(&self.root)
-            .args(["-M", "guardtest", "-b", "--register=no", "--keep-unit"])
+            .args(["-M", &machine_name(), "-b", "--register=no", "--keep-unit"])
             .args(["--private-network", "--resolv-conf=off", "--timezone=off"])
             .args([
                 "--capability=all",
@@ -423,7 +423,7 @@ impl Drop for Container {
         self.unmount_bpffs();
         let _ = fs::remove_dir(&self.bpffs);
         // nspawn leaves this behind where /run is not a tmpfs.
-        let _ = fs::remove_dir("/run/systemd/nspawn/propagate/guardtest");
+        let _ = fs::remove_dir(Path::new("/run/systemd/nspawn/propagate").join(machine_name()));
         if let Err(e) = remove_tree(&self.root) {
             eprintln!("container: {e:#}");
         }
@@ -434,6 +434,12 @@ impl Drop for Container {
             }
         }
     }
+}
+
+/// Unique on the machine: nspawn keeps per-name state in /run even with
+/// --register=no, and other checkouts may be testing at the same time.
+fn machine_name() -> String {
+    format!("guard-test-{}", std::process::id())
 }
 
 /// The container's init: the child of systemd-nspawn that is PID 1 in its

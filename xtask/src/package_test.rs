@@ -1,9 +1,9 @@
 //! The Debian package on real systemd: installed with apt in a container
 //! booted with systemd as PID 1 ([`crate::container`]), then used as an
 //! operator would: a unit bound in the configuration that keeps resolving a
-//! refused and an allowed name, reloads, restarts, `kill -9`, a stop, `guard
-//! run` through the daemon, a fresh boot, no configuration file, and a purge
-//! that must leave nothing pinned or attached.
+//! refused and an allowed name, reloads, restarts, `kill -9`, an upgrade, a
+//! stop, `guard run` through the daemon, a fresh boot, no configuration
+//! file, and a purge that must leave nothing pinned or attached.
 //!
 //! DNS inside the container is dnsmasq on 127.0.0.1 only (the container has
 //! no other network): it answers `*.frontend.internal` and `db.internal`

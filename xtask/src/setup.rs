@@ -249,7 +249,7 @@ fn cargo_deb() -> Result<()> {
     if succeeds(Command::new("cargo").args(["deb", "--version"])) {
         return Ok(());
     }
-    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (about two minutes)");
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes, once)");
     run(Command::new("cargo").args([
         "install",
         "cargo-deb",

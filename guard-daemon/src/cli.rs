@@ -84,7 +84,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct DaemonArgs {
-    /// The configuration file.
+    /// The configuration file; without one the daemon starts with the
+    /// defaults and no bindings.
     #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_CONFIG)]
     config: PathBuf,
     /// Log format on stderr (journald keeps either).
@@ -209,6 +210,12 @@ fn ring_size(text: &str) -> Result<u32, String> {
         return Err(format!("{size} is not a power of two of at least 4096"));
     }
     Ok(size)
+}
+
+/// The command-line definition, for generating shell completions and man
+/// pages from it (`cargo xtask dist`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 pub fn main() -> i32 {

@@ -62,7 +62,6 @@ pub fn bench(args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
     let sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     setup::setup()?;
-    setup::bench_tools()?;
     let (root, bin) = crate::release_binaries()?;
     let out_dir = root.join(if smoke {
         "target/bench-smoke"

@@ -43,9 +43,13 @@ enum Command {
     /// Run CMD with DNS lookups of denylisted names refused.
     ///
     /// CMD and everything it starts run in a fresh cgroup v2 with eBPF
-    /// programs attached before CMD starts. A blocked UDP lookup fails at
-    /// once (EPERM); a blocked TCP lookup has its connection ended. Nothing
-    /// outside the cgroup is affected. Requires root.
+    /// programs attached before CMD starts. Questions are judged over UDP
+    /// and TCP, and so are answers: one that leads to a denied name (a
+    /// CNAME, DNAME, SRV, MX, HTTPS or SVCB target, an address record owned
+    /// by it) is refused too. A refused lookup fails at once: the send fails
+    /// (EPERM over UDP, EACCES over TCP), a refused TCP answer arrives as
+    /// REFUSED, and guard ends the socket. Nothing outside the cgroup is
+    /// affected. Requires root.
     #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Work with policy files.

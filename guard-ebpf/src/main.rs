@@ -2,6 +2,12 @@
 //!
 //! - [`egress`] `dns_egress` (cgroup_skb/egress): reads every DNS query a
 //!   guarded cgroup sends and drops those whose name a deny rule matches.
+//! - [`ingress`] `dns_ingress` (cgroup_skb/ingress): reads every DNS answer
+//!   a guarded cgroup receives and drops those that would have the client
+//!   use a denied name (an alias, a service target, an owner).
+//! - [`stream`] `dns_sock_ops`, `dns_stream_send`, `dns_stream_parse`,
+//!   `dns_stream_answer` (sock_ops, sk_msg, sk_skb): DNS over TCP judged as
+//!   whole messages, whatever the write pattern.
 //! - [`process`] `exec_enter`, `exec_exit`, `process_fork` (tracepoints):
 //!   record what runs in guarded cgroups, so every blocked query can be
 //!   attributed to a process chain with arguments even when the processes
@@ -20,11 +26,15 @@
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod process;
+#[cfg(target_arch = "bpf")]
+mod stream;
 #[cfg(target_arch = "bpf")]
 mod verdict;
 #[cfg(target_arch = "bpf")]

@@ -13,7 +13,7 @@ use super::policies::PolicyIds;
 use crate::{
     api::{Frame, Reply},
     kernel::{
-        records::{decode, DnsQuery, Record, Transport},
+        records::{decode, DnsQuery, Record},
         sockdiag,
     },
     report::{chains::ProcessTable, Clock, EventRecord},
@@ -90,13 +90,7 @@ impl Records {
         // cgroups the daemon does, so the asker fails at once instead of
         // waiting for its timeout.
         if query.verdict.dropped() && info.is_some_and(|i| i.kind != "run") {
-            let protocol = match query.transport {
-                Transport::Tcp => sockdiag::Protocol::Tcp,
-                Transport::Udp => sockdiag::Protocol::Udp,
-            };
-            if let Err(e) =
-                sockdiag::destroy(protocol, query.source, query.resolver, query.socket_cookie)
-            {
+            if let Err(e) = sockdiag::end_socket_of(query) {
                 tracing::debug!(error = %e, "could not end a blocked query's socket");
             }
         }
@@ -140,7 +134,7 @@ fn log(record: &EventRecord, kind: &str, label: &str, target: &str) {
     let chain = record.chain_text();
     match record.verdict.as_str() {
         "allowed" => {}
-        "blocked" | "unreadable" => tracing::warn!(
+        "blocked" | "unreadable-blocked" => tracing::warn!(
             target: "guard::blocked",
             verdict = %record.verdict,
             name = %record.name,

@@ -84,13 +84,7 @@ impl Daemon {
             runs_cgroup: self.tree.runs_root.clone(),
             programs,
             bindings,
-            totals: Counters {
-                inspected: global(Counter::Inspected),
-                blocked: global(Counter::Blocked),
-                audited: global(Counter::Audited),
-                malformed: global(Counter::Malformed),
-                unbound: global(Counter::Unbound),
-            },
+            totals: Counters::read(global),
             events_lost: global(Counter::EventsLost),
             rules_loaded: self.kernel.rule_count().unwrap_or(0),
         }

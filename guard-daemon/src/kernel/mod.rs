@@ -7,6 +7,7 @@
 //! (`guard_common`) and nothing of policies files, runs, reports or the
 //! daemon. Rules arrive as ready-made map entries.
 pub mod cgroup;
+pub mod hooks;
 pub mod kernelfs;
 pub mod maps;
 pub mod pinned;

@@ -7,19 +7,15 @@ use std::{
 
 use aya::{
     maps::{Map, MapData, RingBuf},
-    programs::{
-        links::{FdLink, PinnedLink},
-        CgroupSkb, CgroupSkbAttachType,
-    },
+    programs::{links::PinnedLink, CgroupSkb, CgroupSkbAttachType, Program, SockOps},
 };
-use guard_common::maps::{
-    BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, PROGRAM_DNS_EGRESS, RULES, SEEN,
-};
+use guard_common::maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, RULES, SEEN};
 
 use super::{
+    hooks::CgroupHook,
     kernelfs::mount_kernel_fs,
     maps::KernelMaps,
-    programs::{attach_egress, egress_stats, generation, LoadOptions, Programs},
+    programs::{egress_stats, generation, LoadOptions, Programs},
 };
 use crate::error::{Error, Result};
 
@@ -38,7 +34,8 @@ const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
 pub struct Pinned {
     dir: PathBuf,
     maps: std::collections::HashMap<&'static str, Map>,
-    egress: CgroupSkb,
+    /// The cgroup programs, in [`CgroupHook::ALL`] order.
+    hooks: Vec<(CgroupHook, Program)>,
 }
 
 impl Pinned {
@@ -84,18 +81,26 @@ impl Pinned {
             let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
             maps.insert(name, map);
         }
-        let egress = CgroupSkb::from_pin(
-            dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")),
-            CgroupSkbAttachType::Egress,
-        )
-        .map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
+        let mut hooks = Vec::new();
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let path = dir.join(format!("prog_{name}"));
+            let error = |source| Error::Program { name, source };
+            let program = match hook {
+                CgroupHook::Egress => Program::CgroupSkb(
+                    CgroupSkb::from_pin(&path, CgroupSkbAttachType::Egress).map_err(error)?,
+                ),
+                CgroupHook::Ingress => Program::CgroupSkb(
+                    CgroupSkb::from_pin(&path, CgroupSkbAttachType::Ingress).map_err(error)?,
+                ),
+                CgroupHook::SockOps => Program::SockOps(SockOps::from_pin(&path).map_err(error)?),
+            };
+            hooks.push((hook, program));
+        }
         Ok(Pinned {
             dir: dir.to_owned(),
             maps,
-            egress,
+            hooks,
         })
     }
 
@@ -119,31 +124,46 @@ impl Pinned {
         })
     }
 
-    /// Attaches the DNS program to a cgroup with a pinned link, unless one
-    /// is pinned for it already.
+    fn link_path(&self, cgroup_id: u64, hook: CgroupHook) -> PathBuf {
+        self.dir.join(format!(
+            "{CGROUP_LINK_PREFIX}{cgroup_id}_{}",
+            hook.link_suffix()
+        ))
+    }
+
+    /// Attaches the DNS programs to a cgroup with pinned links, unless they
+    /// are pinned for it already. On failure none stays attached.
     pub fn attach_cgroup(&mut self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
-        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
-        if path.exists() {
-            return Ok(());
+        let mut made: Vec<PathBuf> = Vec::new();
+        for index in 0..self.hooks.len() {
+            let hook = self.hooks[index].0;
+            let path = self.link_path(cgroup_id, hook);
+            if path.exists() {
+                continue;
+            }
+            let attached = hook
+                .attach(&mut self.hooks[index].1, cgroup)
+                .and_then(|link| {
+                    link.pin(&path)
+                        .map(drop)
+                        .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))
+                });
+            if let Err(e) = attached {
+                for path in made {
+                    unpin(&path);
+                }
+                return Err(e);
+            }
+            made.push(path);
         }
-        let id = attach_egress(&mut self.egress, cgroup)?;
-        let link = self.egress.take_link(id).map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
-        let link = FdLink::try_from(link)
-            .map_err(|e| Error::Pin(PROGRAM_DNS_EGRESS.into(), e.to_string()))?;
-        link.pin(&path)
-            .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
         Ok(())
     }
 
-    /// Detaches the DNS program from a cgroup (removing the pin is the
-    /// detach: nothing else holds the link).
+    /// Detaches the DNS programs from a cgroup (removing the pins is the
+    /// detach: nothing else holds the links).
     pub fn detach_cgroup(&self, cgroup_id: u64) {
-        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
-        if let Ok(link) = PinnedLink::from_pin(&path) {
-            let _ = link.unpin();
+        for hook in CgroupHook::ALL {
+            unpin(&self.link_path(cgroup_id, hook));
         }
     }
 
@@ -152,28 +172,46 @@ impl Pinned {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        entries
+        let mut ids: Vec<u64> = entries
             .flatten()
             .filter_map(|e| {
                 e.file_name()
                     .to_str()?
                     .strip_prefix(CGROUP_LINK_PREFIX)?
+                    .split('_')
+                    .next()?
                     .parse()
                     .ok()
             })
-            .collect()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn egress(&self) -> Option<&CgroupSkb> {
+        match &self.hooks.first()?.1 {
+            Program::CgroupSkb(egress) => Some(egress),
+            _ => None,
+        }
     }
 
     pub fn egress_stats(&self) -> Option<(u64, u64)> {
-        egress_stats(&self.egress)
+        egress_stats(self.egress()?)
     }
 
-    /// Verified instructions of the DNS program.
+    /// Verified instructions of the DNS egress program.
     pub fn egress_instructions(&self) -> Option<u32> {
-        self.egress
+        self.egress()?
             .info()
             .ok()
             .and_then(|i| i.verified_instruction_count())
+    }
+}
+
+fn unpin(path: &Path) {
+    if let Ok(link) = PinnedLink::from_pin(path) {
+        let _ = link.unpin();
     }
 }
 

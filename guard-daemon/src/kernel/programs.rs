@@ -1,22 +1,20 @@
 //! The kernel object and the programs of a standalone `guard run`: loaded,
 //! verified and attached for one run, gone with guard's descriptors.
-use std::{os::fd::AsFd, path::Path};
+use std::{any::Any, os::fd::AsFd, path::Path};
 
 use aya::{
     maps::{Map, MapData, RingBuf},
-    programs::{
-        cgroup_skb::CgroupSkbLinkId, links::FdLink, trace_point::TracePointLinkId,
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint,
-    },
+    programs::{links::FdLink, trace_point::TracePointLinkId, CgroupSkb, TracePoint},
     Ebpf, EbpfLoader,
 };
 use guard_common::maps::{
     BINDINGS, EVENTS, GLOBAL_DNS_PORTS, GLOBAL_FORK_CHILD_PID_OFFSET, MAX_DNS_PORTS,
     POLICY_COUNTERS, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK,
-    RULES, SEEN,
+    RULES, SCRATCH, SEEN,
 };
 
 use super::{
+    hooks::{attach_streams, load_programs, CgroupHook},
     kernelfs::{ensure_tracefs, fork_child_pid_offset},
     maps::KernelMaps,
     pinned::PINNED_MAPS,
@@ -37,11 +35,17 @@ pub struct LoadOptions<'a> {
     pub policy_capacity: u32,
 }
 
+/// The tracepoint programs (process tracking).
+pub const TRACEPOINT_PROGRAMS: [&str; 3] = [PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK];
+
 /// Loaded, verified programs and their maps. Dropping it detaches and
 /// unloads everything (nothing is pinned).
 pub struct Programs {
     ebpf: Ebpf,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    cgroup_links: Vec<FdLink>,
+    /// The stream programs' attachments to the sockhash.
+    stream_attachments: Vec<Box<dyn Any>>,
 }
 
 impl Programs {
@@ -58,6 +62,7 @@ impl Programs {
         let t = std::time::Instant::now();
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset()?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_DNS_PORTS, &ports, true)
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
@@ -66,23 +71,18 @@ impl Programs {
             .map_max_entries(SEEN, options.record_capacity.max(1))
             .map_max_entries(POLICY_COUNTERS, options.policy_capacity.max(1))
             .map_max_entries(BINDINGS, options.policy_capacity.max(1))
+            // Two working-memory slots per CPU (see the kernel's maps.rs).
+            .map_max_entries(SCRATCH, cpus * 2)
             .load(OBJECT)?;
         tracing::debug!(elapsed = ?t.elapsed(), "object loaded (maps created)");
-        let egress: &mut CgroupSkb = program(&mut ebpf, PROGRAM_DNS_EGRESS)?;
-        egress.load().map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
-        tracing::debug!(elapsed = ?t.elapsed(), insns = ?egress.info().ok().and_then(|i| i.verified_instruction_count()), "dns_egress verified");
-        for name in [PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK] {
-            let tracepoint: &mut TracePoint = program(&mut ebpf, name)?;
-            tracepoint
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-        }
+        load_programs(&mut ebpf)?;
+        tracing::debug!(elapsed = ?t.elapsed(), "programs verified");
+        let stream_attachments = attach_streams(&mut ebpf)?;
         Ok(Programs {
             ebpf,
             tracepoint_links: Vec::new(),
+            cgroup_links: Vec::new(),
+            stream_attachments,
         })
     }
 
@@ -103,10 +103,15 @@ impl Programs {
         Ok(())
     }
 
-    /// Attaches the DNS egress program to a cgroup (a bpf_link: it goes away
-    /// with this process unless pinned).
+    /// Attaches the DNS programs to a cgroup (bpf_links: they go away with
+    /// this process unless pinned).
     pub fn attach_cgroup(&mut self, cgroup: impl AsFd) -> Result<()> {
-        attach_egress(program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?, cgroup)?;
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let program = self.ebpf.program_mut(name).ok_or(Error::Missing(name))?;
+            self.cgroup_links
+                .push(hook.attach(program, cgroup.as_fd())?);
+        }
         Ok(())
     }
 
@@ -141,10 +146,20 @@ impl Programs {
             link.pin(dir.join(format!("link_{name}")))
                 .map_err(pin_error(name.into()))?;
         }
-        let egress: &mut CgroupSkb = program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?;
-        egress
-            .pin(dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")))
-            .map_err(pin_error(PROGRAM_DNS_EGRESS.into()))?;
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let program = self.ebpf.program_mut(name).ok_or(Error::Missing(name))?;
+            program
+                .pin(dir.join(format!("prog_{name}")))
+                .map_err(pin_error(name.into()))?;
+        }
+        // The stream programs stay attached to the sockhash for as long as
+        // it lives (the pinned sock_ops program holds it): forgetting the
+        // attachments keeps them from being detached when this process
+        // drops them.
+        for attachment in std::mem::take(&mut self.stream_attachments) {
+            std::mem::forget(attachment);
+        }
         for name in PINNED_MAPS {
             let map = self.ebpf.map(name).ok_or(Error::Missing(name))?;
             map.pin(dir.join(format!("map_{name}")))
@@ -162,22 +177,6 @@ impl KernelMaps for Programs {
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
         self.ebpf.map_mut(name).ok_or(Error::Missing(name))
     }
-}
-
-/// Attaches the DNS program to a cgroup's egress (a bpf_link). aya 0.14
-/// uses bpf_link_create on >= 5.7, where only Single is accepted; links
-/// still allow other programs below and beside.
-pub(super) fn attach_egress(egress: &mut CgroupSkb, cgroup: impl AsFd) -> Result<CgroupSkbLinkId> {
-    egress
-        .attach(
-            cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )
-        .map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })
 }
 
 /// Runs and total run time of the DNS egress program, as the kernel

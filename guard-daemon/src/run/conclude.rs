@@ -38,9 +38,19 @@ pub(super) fn conclude(
         .into_iter()
         .map(|(hash, qtype, count)| ((hash, qtype), count))
         .collect();
-    let drops =
-        counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
-    let reported = counters.audited + if options.audit { counters.malformed } else { 0 };
+    let drops = counters.blocked
+        + counters.unbound
+        + if options.audit {
+            0
+        } else {
+            counters.unreadable
+        };
+    let reported = counters.audited
+        + if options.audit {
+            counters.unreadable
+        } else {
+            0
+        };
     let command_code = exit_code_of(status);
     let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) {
         EXIT_BLOCKED

@@ -147,3 +147,75 @@ pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// The test servers, as `guard-dns-query` takes them.
+pub const SERVERS: [&str; 2] = ["127.0.0.1:53", "[::1]:53"];
+
+/// `guard run --deny frontend.internal --deny '*.frontend.internal' --report
+/// R -- CMD...`: the run and its report.
+pub fn guarded(sandbox: &Sandbox, command: &[&str]) -> (Run, serde_json::Value) {
+    guarded_with(
+        sandbox,
+        &[
+            "--deny",
+            "frontend.internal",
+            "--deny",
+            "*.frontend.internal",
+        ],
+        command,
+    )
+}
+
+/// `guard run OPTIONS --report R -- CMD...`: the run and its report.
+pub fn guarded_with(
+    sandbox: &Sandbox,
+    options: &[&str],
+    command: &[&str],
+) -> (Run, serde_json::Value) {
+    let report_path = sandbox.path("report.json");
+    let _ = fs::remove_file(&report_path);
+    let mut args = vec!["run"];
+    args.extend_from_slice(options);
+    args.extend(["--report", report_path.to_str().unwrap(), "--"]);
+    args.extend_from_slice(command);
+    let run = sandbox.run(&args);
+    let value = report(&report_path);
+    (run, value)
+}
+
+pub fn saw(sandbox: &Sandbox, name: &str) -> bool {
+    sandbox.v4.saw(name) || sandbox.v6.saw(name)
+}
+
+/// A denied lookup: exit 77, never at the server, one blocked event.
+pub fn assert_refused(sandbox: &Sandbox, run: &Run, report: &serde_json::Value, name: &str) {
+    assert_eq!(run.code, 77, "{name}: {run:?}");
+    assert!(!saw(sandbox, name), "{name} reached the server: {run:?}");
+    let events = report["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["verdict"] == "blocked" && e["name"] == name),
+        "{name}: {report:#}"
+    );
+    // Every refusal is one event, none lost here.
+    assert_eq!(
+        report["counters"]["blocked"].as_u64().unwrap(),
+        events.len() as u64 + report["events_lost"].as_u64().unwrap(),
+        "{report:#}"
+    );
+}
+
+/// An allowed lookup: answered, exit 0, no event.
+pub fn assert_answered(sandbox: &Sandbox, run: &Run, report: &serde_json::Value, name: &str) {
+    assert_eq!(run.code, 0, "{name}: {run:?}");
+    assert!(
+        saw(sandbox, name),
+        "{name} never reached the server: {run:?}"
+    );
+    assert!(
+        run.stdout.contains("192.0.2.1") || run.stdout.contains("2001:db8::1"),
+        "{run:?}"
+    );
+    assert_eq!(report["events"].as_array().unwrap().len(), 0, "{report:#}");
+}

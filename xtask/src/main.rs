@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | dist | test-package`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | differential |
+//! dist | test-package`.
 //!
 //! Each installs what it needs first (`setup`), so on a fresh machine each
 //! is the one command to type. All but `dist` need root: they load eBPF
@@ -21,6 +22,7 @@ fn main() {
         "test" => test(),
         "demo" => demo::demo(),
         "bench" => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "differential" => differential(&std::env::args().skip(2).collect::<Vec<_>>()),
         "dist" => dist::dist(),
         "test-package" => test_package(),
         _ => {
@@ -32,6 +34,8 @@ fn main() {
                  on systemd in a container, and the bench on tiny sizes (root)\n  \
                  demo          setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
                  bench         what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)\n  \
+                 differential  the kernel's DNS reading against the host's, on many packets (root);\n                \
+                 --cases N (default 1000000), --seed S\n  \
                  dist          the Debian package: target/debian/guard_<version>_<arch>.deb\n  \
                  test-package  dist, then only the package test in a container booting systemd (root)"
             );
@@ -83,6 +87,39 @@ fn test() -> Result<()> {
     // The benchmark must keep working; on tiny sizes it checks that every row
     // runs and that received + lost events add up, never how fast anything is.
     bench::bench(&["--smoke".to_string()])
+}
+
+/// The long pass of the differential test (guard-daemon/tests/
+/// differential.rs; `cargo xtask test` runs a short one).
+fn differential(args: &[String]) -> Result<()> {
+    require_root("differential")?;
+    setup::setup()?;
+    let mut cases = "1000000".to_string();
+    let mut seed = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cases" => cases = args.next().context("--cases N")?.clone(),
+            "--seed" => seed = Some(args.next().context("--seed S")?.clone()),
+            other => bail!("differential: unknown argument {other:?} (--cases N, --seed S)"),
+        }
+    }
+    let mut command = Command::new("cargo");
+    command
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "guard-daemon",
+            "--test",
+            "differential",
+        ])
+        .args(["--", "--nocapture"])
+        .env("GUARD_DIFFERENTIAL_CASES", &cases);
+    if let Some(seed) = seed {
+        command.env("GUARD_DIFFERENTIAL_SEED", seed);
+    }
+    run(&mut command)
 }
 
 fn test_package() -> Result<()> {

@@ -132,6 +132,43 @@ impl Programs {
         }
     }
 
+    /// Runs a cgroup_skb hook's program `repeat` times on `packet` (an IP
+    /// packet, as the hook sees it) without a network, with the kernel's
+    /// `BPF_PROG_TEST_RUN`: the program's verdict (1 pass, 0 drop) and its
+    /// mean run time. The packet counts as sent (or received) by a socket
+    /// of the calling thread's cgroup. For the differential tests of the
+    /// DNS reader and for the benchmark.
+    pub fn test_run(
+        &self,
+        hook: CgroupHook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration)> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = hook.program();
+        let Some(aya::programs::Program::CgroupSkb(program)) = self.ebpf.program(name) else {
+            return Err(Error::Missing(name));
+        };
+        // The kernel takes an Ethernet frame and hands the program what
+        // follows the header; the EtherType tells it the family.
+        let ether_type: u16 = if packet.first().is_some_and(|b| b >> 4 == 6) {
+            0x86dd
+        } else {
+            0x0800
+        };
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&ether_type.to_be_bytes());
+        frame.extend_from_slice(packet);
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| Error::Program { name, source })?;
+        Ok((result.return_value, result.duration))
+    }
+
     /// Pins programs, maps and the tracepoint links into `dir` (which must
     /// exist on bpffs), so that all of it outlives this process.
     pub(super) fn pin_into(mut self, dir: &Path) -> Result<()> {

@@ -7,6 +7,11 @@
 //!   attributed to a process chain with arguments even when the processes
 //!   have already exited.
 //!
+//! - [`escape`] `escape_*` (tracepoints): tasks leaving their guarded
+//!   cgroup, packet and raw sockets, `bpf()` calls that could change guard.
+//! - [`unix`] `unix_connect`, `unix_sendmsg` (cgroup sock_addr, Unix
+//!   sockets): connections to local resolver daemons refused.
+//!
 //! Shared by the hooks: [`packet`] (where a packet's parts are), [`wire`]
 //! (reading and deciding a DNS question), [`verdict`] (counting, reporting,
 //! passing or dropping), [`maps`] (maps and globals).
@@ -20,11 +25,17 @@
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod escape;
+#[cfg(target_arch = "bpf")]
+mod evidence;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod process;
+#[cfg(target_arch = "bpf")]
+mod unix;
 #[cfg(target_arch = "bpf")]
 mod verdict;
 #[cfg(target_arch = "bpf")]

@@ -6,13 +6,17 @@
 //! This is the lowest layer: it knows the kernel object's contract
 //! (`guard_common`) and nothing of policies files, runs, reports or the
 //! daemon. Rules arrive as ready-made map entries.
+pub mod bpfsys;
+pub mod btf;
 pub mod cgroup;
+pub mod evidence;
 pub mod kernelfs;
 pub mod maps;
 pub mod pinned;
 pub mod programs;
 pub mod records;
 pub mod sockdiag;
+pub mod unixhooks;
 
 pub use maps::KernelMaps;
 pub use pinned::{ensure_bpffs, remove_pins, Pinned};

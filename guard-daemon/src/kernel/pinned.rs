@@ -12,24 +12,41 @@ use aya::{
         CgroupSkb, CgroupSkbAttachType,
     },
 };
-use guard_common::maps::{
-    BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, PROGRAM_DNS_EGRESS, RULES, SEEN,
+use guard_common::{
+    evidence::{EVIDENCE_COUNTERS, EVIDENCE_SETTINGS, TRACKED, UNIX_SOCKETS},
+    maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, PROGRAM_DNS_EGRESS, RULES, SEEN},
 };
 
 use super::{
+    bpfsys::{self, BPF_CGROUP_INET_EGRESS},
+    evidence::Attachments,
     kernelfs::mount_kernel_fs,
     maps::KernelMaps,
     programs::{attach_egress, egress_stats, generation, LoadOptions, Programs},
+    unixhooks::UnixHooks,
 };
 use crate::error::{Error, Result};
 
 /// Maps the daemon keeps pinned (the scratch maps live as long as the
 /// program that uses them, which is pinned too).
-pub(super) const PINNED_MAPS: [&str; 6] =
-    [BINDINGS, RULES, EVENTS, COUNTERS, POLICY_COUNTERS, SEEN];
+pub(super) const PINNED_MAPS: [&str; 10] = [
+    BINDINGS,
+    RULES,
+    EVENTS,
+    COUNTERS,
+    POLICY_COUNTERS,
+    SEEN,
+    TRACKED,
+    EVIDENCE_COUNTERS,
+    EVIDENCE_SETTINGS,
+    UNIX_SOCKETS,
+];
 
 /// Prefix of the pin of a cgroup's program link; the cgroup id follows.
 const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
+/// Prefix of the pins of a cgroup's Unix-socket hook links:
+/// `link_unix_<cgroup id>_<program>`.
+const UNIX_LINK_PREFIX: &str = "link_unix_";
 
 /// The daemon's copy of the object, pinned in `<root>/<generation>/`. The
 /// generation names the object and its load options, so a daemon adopts
@@ -39,6 +56,8 @@ pub struct Pinned {
     dir: PathBuf,
     maps: std::collections::HashMap<&'static str, Map>,
     egress: CgroupSkb,
+    /// None when the generation was loaded on a kernel without them.
+    unix: Option<UnixHooks>,
 }
 
 impl Pinned {
@@ -96,6 +115,7 @@ impl Pinned {
             dir: dir.to_owned(),
             maps,
             egress,
+            unix: UnixHooks::from_pins(dir),
         })
     }
 
@@ -135,7 +155,45 @@ impl Pinned {
             .map_err(|e| Error::Pin(PROGRAM_DNS_EGRESS.into(), e.to_string()))?;
         link.pin(&path)
             .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+        self.attach_unix_hooks(cgroup, cgroup_id)
+    }
+
+    /// Links the Unix-socket hooks to a cgroup with pinned links.
+    fn attach_unix_hooks(&self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let Some(unix) = &self.unix else {
+            return Ok(());
+        };
+        let links = unix
+            .attach(cgroup.as_fd())
+            .map_err(Error::io("attaching the Unix-socket hooks"))?;
+        for (name, link) in links {
+            let path = self
+                .dir
+                .join(format!("{UNIX_LINK_PREFIX}{cgroup_id}_{name}"));
+            bpfsys::pin(link.as_fd(), &path)
+                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// Whether this generation has the Unix-socket hooks.
+    pub fn has_unix_hooks(&self) -> bool {
+        self.unix.is_some()
+    }
+
+    /// Records how guard's programs are attached to a cgroup now, to
+    /// notice later if they are detached or replaced.
+    pub fn attachments(&self, cgroup: &fs::File) -> Attachments {
+        use std::os::fd::AsFd as _;
+        let mut programs = Vec::new();
+        if let Ok(info) = self.egress.info() {
+            programs.push((BPF_CGROUP_INET_EGRESS, info.id()));
+        }
+        if let Some(unix) = &self.unix {
+            programs.extend(unix.ids());
+        }
+        Attachments::record(cgroup.as_fd(), &programs)
     }
 
     /// Detaches the DNS program from a cgroup (removing the pin is the
@@ -144,6 +202,12 @@ impl Pinned {
         let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
         if let Ok(link) = PinnedLink::from_pin(&path) {
             let _ = link.unpin();
+        }
+        for (name, _) in super::unixhooks::UNIX_HOOKS {
+            let _ = fs::remove_file(
+                self.dir
+                    .join(format!("{UNIX_LINK_PREFIX}{cgroup_id}_{name}")),
+            );
         }
     }
 

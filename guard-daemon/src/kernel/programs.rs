@@ -1,6 +1,9 @@
 //! The kernel object and the programs of a standalone `guard run`: loaded,
 //! verified and attached for one run, gone with guard's descriptors.
-use std::{os::fd::AsFd, path::Path};
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use aya::{
     maps::{Map, MapData, RingBuf},
@@ -10,6 +13,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use guard_common::evidence::{
+    ESCAPE_TRACEPOINTS, GLOBAL_UNIX_UADDRLEN_OFFSET, GLOBAL_UNIX_UADDR_OFFSET,
+};
 use guard_common::maps::{
     BINDINGS, EVENTS, GLOBAL_DNS_PORTS, GLOBAL_FORK_CHILD_PID_OFFSET, MAX_DNS_PORTS,
     POLICY_COUNTERS, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK,
@@ -17,9 +23,11 @@ use guard_common::maps::{
 };
 
 use super::{
+    bpfsys::BPF_CGROUP_INET_EGRESS,
     kernelfs::{ensure_tracefs, fork_child_pid_offset},
     maps::KernelMaps,
     pinned::PINNED_MAPS,
+    unixhooks::{sock_addr_offsets, UnixHooks},
 };
 use crate::error::{Error, Result};
 
@@ -42,6 +50,10 @@ pub struct LoadOptions<'a> {
 pub struct Programs {
     ebpf: Ebpf,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    /// The Unix-socket hooks, or why this kernel has none.
+    unix: std::result::Result<UnixHooks, String>,
+    /// Links of the Unix-socket hooks to cgroups (detached on drop).
+    unix_links: Vec<OwnedFd>,
 }
 
 impl Programs {
@@ -58,7 +70,12 @@ impl Programs {
         let t = std::time::Instant::now();
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset()?;
+        let unix_offsets = sock_addr_offsets();
+        // Defaults for the layout of 6.7+; unused when the hooks are absent.
+        let (uaddr, uaddrlen) = unix_offsets.clone().unwrap_or((8, 32));
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_UNIX_UADDR_OFFSET, &uaddr, true)
+            .override_global(GLOBAL_UNIX_UADDRLEN_OFFSET, &uaddrlen, true)
             .override_global(GLOBAL_DNS_PORTS, &ports, true)
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .map_max_entries(RULES, options.rule_capacity.max(1))
@@ -80,9 +97,19 @@ impl Programs {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        for (name, _, _) in ESCAPE_TRACEPOINTS {
+            let tracepoint: &mut TracePoint = program(&mut ebpf, name)?;
+            tracepoint
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let unix = unix_offsets.and_then(|_| UnixHooks::load(&ebpf, OBJECT));
+        tracing::debug!(elapsed = ?t.elapsed(), unix_hooks = unix.is_ok(), "evidence programs verified");
         Ok(Programs {
             ebpf,
             tracepoint_links: Vec::new(),
+            unix,
+            unix_links: Vec::new(),
         })
     }
 
@@ -100,14 +127,50 @@ impl Programs {
                 .map_err(|source| Error::Program { name, source })?;
             self.tracepoint_links.push((name, link));
         }
+        for (name, category, event) in ESCAPE_TRACEPOINTS {
+            let tracepoint: &mut TracePoint = program(&mut self.ebpf, name)?;
+            let link = tracepoint
+                .attach(category, event)
+                .map_err(|source| Error::Program { name, source })?;
+            self.tracepoint_links.push((name, link));
+        }
         Ok(())
     }
 
     /// Attaches the DNS egress program to a cgroup (a bpf_link: it goes away
     /// with this process unless pinned).
     pub fn attach_cgroup(&mut self, cgroup: impl AsFd) -> Result<()> {
-        attach_egress(program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?, cgroup)?;
+        attach_egress(program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?, cgroup.as_fd())?;
+        if let Ok(unix) = &self.unix {
+            let links = unix
+                .attach(cgroup.as_fd())
+                .map_err(Error::io("attaching the Unix-socket hooks"))?;
+            self.unix_links
+                .extend(links.into_iter().map(|(_, link)| link));
+        }
         Ok(())
+    }
+
+    /// The Unix-socket hooks, or why this kernel has none.
+    pub fn unix_hooks(&self) -> std::result::Result<&UnixHooks, &str> {
+        self.unix.as_ref().map_err(String::as_str)
+    }
+
+    /// (attach type, program id) of the programs [`Programs::attach_cgroup`]
+    /// attaches, to check later that they still are.
+    pub fn cgroup_programs(&self) -> Vec<(u32, u32)> {
+        let mut ids = Vec::new();
+        if let Some(aya::programs::Program::CgroupSkb(egress)) =
+            self.ebpf.program(PROGRAM_DNS_EGRESS)
+        {
+            if let Ok(info) = egress.info() {
+                ids.push((BPF_CGROUP_INET_EGRESS, info.id()));
+            }
+        }
+        if let Ok(unix) = &self.unix {
+            ids.extend(unix.ids());
+        }
+        ids
     }
 
     /// The ring buffer, taken out of the object to be read on its own.
@@ -145,6 +208,10 @@ impl Programs {
         egress
             .pin(dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")))
             .map_err(pin_error(PROGRAM_DNS_EGRESS.into()))?;
+        if let Ok(unix) = &self.unix {
+            unix.pin_into(dir)
+                .map_err(|e| Error::Pin("the Unix-socket hooks".into(), e.to_string()))?;
+        }
         for name in PINNED_MAPS {
             let map = self.ebpf.map(name).ok_or(Error::Missing(name))?;
             map.pin(dir.join(format!("map_{name}")))

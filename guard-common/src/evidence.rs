@@ -43,6 +43,13 @@ pub const ESCAPE_TRACEPOINTS: [(&str, &str, &str); 6] = [
     (PROGRAM_ESCAPE_BPF, "syscalls", "sys_enter_bpf"),
 ];
 
+/// `args[0]` of a `LeftCgroup` or `Moved` record: where it was seen.
+pub const SEEN_MOVED_ITSELF: u64 = 1;
+pub const SEEN_MOVED_BY_ANOTHER: u64 = 2;
+pub const SEEN_FORKING: u64 = 3;
+/// The child of a clone3 found itself elsewhere (`CLONE_INTO_CGROUP`).
+pub const SEEN_CLONE3_CHILD: u64 = 4;
+
 /// Tasks tracked at once (per loaded object).
 pub const TRACKED_CAPACITY: u32 = 65_536;
 /// Bytes of a Unix socket path (`sun_path`).
@@ -78,10 +85,13 @@ impl UnixPath {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EvidenceSettings {
+    /// Non-zero: escapes and packet sockets are killed (enforce mode). A
+    /// policy without settings follows its binding's mode.
+    pub enforce: u8,
     /// Non-zero: packet and raw sockets are allowed (recorded, not killed,
     /// and they do not fail the run).
     pub allow_raw_sockets: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 
 /// Slots of [`EvidenceCounters`], indexed by

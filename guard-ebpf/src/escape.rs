@@ -20,14 +20,12 @@ use aya_ebpf::{
 };
 use guard_common::{
     event::{EvidenceKind, ACTION_RECORDED, PATH_CAP},
+    evidence::{SEEN_CLONE3_CHILD, SEEN_FORKING, SEEN_MOVED_BY_ANOTHER, SEEN_MOVED_ITSELF},
     maps::Binding,
 };
 
 use crate::{
-    evidence::{
-        allows_raw_sockets, current_guard, current_tid, enforcing, kill_current, report, Evidence,
-        TRACKED,
-    },
+    evidence::{current_guard, current_tid, kill_current, report, settings, Evidence, TRACKED},
     maps::{fork_child_pid_offset, BINDINGS},
 };
 
@@ -78,6 +76,8 @@ struct Destination<'a> {
     guard: Option<(u64, Binding)>,
     cgroup: u64,
     level: u32,
+    /// Which checkpoint saw it (`guard_common::evidence::SEEN_*`).
+    seen_at: u64,
     /// The tracepoint record and the offset of its `__data_loc` path.
     path: Option<(&'a TracePointContext, usize)>,
 }
@@ -94,7 +94,7 @@ fn checkpoint(tid: u32, destination: &Destination<'_>) {
         (Some(was), Some(id)) if was == id => {}
         (Some(was), _) => {
             if let Some(binding) = unsafe { BINDINGS.get(was) } {
-                let action = if enforcing(binding) {
+                let action = if settings(binding).0 {
                     kill_current()
                 } else {
                     ACTION_RECORDED
@@ -107,7 +107,7 @@ fn checkpoint(tid: u32, destination: &Destination<'_>) {
                     guarded_cgroup: was,
                     target_cgroup: destination.cgroup,
                     target_level: destination.level,
-                    args: [0; 3],
+                    args: [destination.seen_at, 0, 0],
                 };
                 report(&evidence, |path| {
                     if let Some((ctx, at)) = destination.path {
@@ -177,6 +177,7 @@ pub fn escape_attach(ctx: TracePointContext) -> u32 {
                 guard: current_guard(),
                 cgroup: unsafe { bpf_get_current_cgroup_id() },
                 level,
+                seen_at: SEEN_MOVED_ITSELF,
                 path: Some((&ctx, ATTACH_DST_PATH)),
             },
         );
@@ -217,7 +218,7 @@ fn moved_by_another(ctx: &TracePointContext, moved: u32, target: u64, level: u32
         guarded_cgroup: was,
         target_cgroup: target,
         target_level: level,
-        args: [0; 3],
+        args: [SEEN_MOVED_BY_ANOTHER, 0, 0],
     };
     report(&evidence, |path| read_data_loc(ctx, ATTACH_DST_PATH, path));
     if bound.is_some() {
@@ -237,6 +238,7 @@ pub fn escape_fork(ctx: TracePointContext) -> u32 {
             guard,
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             level: 0,
+            seen_at: SEEN_FORKING,
             path: None,
         },
     );
@@ -263,6 +265,7 @@ pub fn escape_clone3(ctx: TracePointContext) -> u32 {
             guard: current_guard(),
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             level: 0,
+            seen_at: SEEN_CLONE3_CHILD,
             path: None,
         },
     );
@@ -291,7 +294,8 @@ pub fn escape_socket(ctx: TracePointContext) -> u32 {
     // A packet socket sends below every cgroup hook: in enforce mode its
     // creator dies before it can use it. A raw IP socket's packets still
     // pass the egress program; it is recorded only.
-    let action = if packet && enforcing(&binding) && !allows_raw_sockets(binding.policy_id) {
+    let (enforce, allow_raw_sockets) = settings(&binding);
+    let action = if packet && enforce && !allow_raw_sockets {
         kill_current()
     } else {
         ACTION_RECORDED

@@ -66,15 +66,15 @@ pub fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
-/// Whether the binding enforces (rather than audits).
+/// Whether evidence is enforced for the binding's policy (escapes and
+/// packet sockets killed), and whether its policy allows packet and raw
+/// sockets.
 #[inline(always)]
-pub fn enforcing(binding: &Binding) -> bool {
-    binding.audit_only == 0
-}
-
-#[inline(always)]
-pub fn allows_raw_sockets(policy_id: u32) -> bool {
-    unsafe { EVIDENCE_SETTINGS.get(policy_id) }.is_some_and(|s| s.allow_raw_sockets != 0)
+pub fn settings(binding: &Binding) -> (bool, bool) {
+    match unsafe { EVIDENCE_SETTINGS.get(binding.policy_id) } {
+        Some(s) => (s.enforce != 0, s.allow_raw_sockets != 0),
+        None => (binding.audit_only == 0, false),
+    }
 }
 
 /// Sends SIGKILL to the current process: it dies before it returns to user

@@ -9,6 +9,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use guard_common::event::{EvidenceEvent, EvidenceKind};
 use guard_common::evidence::{
     EvidenceCounters, EvidenceSettings, UnixPath, EVIDENCE_COUNTERS, EVIDENCE_SETTINGS,
     EVIDENCE_SLOTS, TRACKED, UNIX_SOCKETS,
@@ -180,5 +181,97 @@ fn attach_name(attach_type: u32) -> &'static str {
         bpfsys::BPF_CGROUP_UNIX_CONNECT => "the Unix connect program",
         bpfsys::BPF_CGROUP_UNIX_SENDMSG => "the Unix sendmsg program",
         _ => "a guard program",
+    }
+}
+
+/// An evidence record, decoded.
+#[derive(Clone, Debug)]
+pub struct Evidence {
+    pub kind: EvidenceKind,
+    /// `ACTION_RECORDED`, `ACTION_KILLED` or `ACTION_REFUSED`.
+    pub action: u8,
+    pub policy_id: u32,
+    /// The process that acted, and its thread.
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// The task concerned (the one that moved).
+    pub subject: u32,
+    pub guarded_cgroup: u64,
+    pub target_cgroup: u64,
+    pub args: [u64; 3],
+    /// Destination cgroup path (in the hierarchy) or Unix socket path.
+    pub path: String,
+    pub boot_ns: u64,
+}
+
+impl Evidence {
+    pub fn decode(event: &EvidenceEvent) -> Option<Evidence> {
+        Some(Evidence {
+            kind: EvidenceKind::from_u8(event.what)?,
+            action: event.action,
+            policy_id: event.policy_id,
+            pid: event.pid,
+            tid: event.tid,
+            comm: super::records::c_string(&event.comm),
+            subject: event.subject,
+            guarded_cgroup: event.guarded_cgroup,
+            target_cgroup: event.target_cgroup,
+            args: event.args,
+            path: super::records::c_string(&event.path),
+            boot_ns: event.boot_ns,
+        })
+    }
+}
+
+/// Kills a task that escaped where the kernel could not (it was moved by
+/// another process). True when the signal was sent.
+pub fn kill_task(tid: u32) -> bool {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .is_ok()
+}
+
+/// A cgroup directory's path in its hierarchy, as the kernel's cgroup
+/// tracepoints name it (the mount's root joined with the path below the
+/// mount point).
+pub fn hierarchy_path(cgroup_dir: &Path) -> Option<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = before.split_whitespace().collect();
+        let (root, mount_point) = (fields.get(3)?, fields.get(4)?);
+        let below = cgroup_dir.strip_prefix(mount_point).ok()?;
+        let joined = Path::new(root).join(below);
+        Some(joined.display().to_string())
+    })
+}
+
+/// Whether a cgroup path in the hierarchy is `guarded` or below it.
+pub fn within(path: &str, guarded: &str) -> bool {
+    let guarded = guarded.trim_end_matches('/');
+    path == guarded
+        || path
+            .strip_prefix(guarded)
+            .is_some_and(|rest| rest.starts_with('/'))
+        || guarded.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_is_label_aware_on_path_components() {
+        assert!(within("/a/guard-run-1", "/a/guard-run-1"));
+        assert!(within("/a/guard-run-1/nested", "/a/guard-run-1"));
+        assert!(!within("/a/guard-run-10", "/a/guard-run-1"));
+        assert!(!within("/", "/a/guard-run-1"));
+        assert!(within("/anything", "/"));
     }
 }

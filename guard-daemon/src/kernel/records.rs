@@ -2,7 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use guard_common::event::{
-    DnsEvent, EventKind, ExecEvent, ExecResultEvent, ForkEvent, Verdict, FAMILY_IPV4, TRANSPORT_TCP,
+    DnsEvent, EventKind, EvidenceEvent, ExecEvent, ExecResultEvent, ForkEvent, Verdict,
+    FAMILY_IPV4, TRANSPORT_TCP,
 };
 use hickory_proto::rr::RecordType;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,7 @@ pub enum Record {
         child: u32,
         comm: String,
     },
+    Evidence(super::evidence::Evidence),
 }
 
 /// Reads a `#[repr(C)]` record out of ring-buffer bytes.
@@ -94,6 +96,9 @@ pub fn policy_of(bytes: &[u8]) -> Option<u32> {
             read_record::<ExecResultEvent>(bytes).map(|e| e.policy_id)
         }
         k if k == EventKind::Fork as u8 => read_record::<ForkEvent>(bytes).map(|e| e.policy_id),
+        k if k == EventKind::Evidence as u8 => {
+            read_record::<EvidenceEvent>(bytes).map(|e| e.policy_id)
+        }
         _ => None,
     }
 }
@@ -130,6 +135,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             child: e.child_pid,
             comm: c_string(&e.comm),
         }),
+        k if k == EventKind::Evidence as u8 => read_record::<EvidenceEvent>(bytes)
+            .and_then(|e| super::evidence::Evidence::decode(&e))
+            .map(Record::Evidence),
         _ => None,
     }
 }
@@ -176,7 +184,7 @@ fn decode_dns(e: &DnsEvent) -> Option<DnsQuery> {
     })
 }
 
-fn c_string(bytes: &[u8]) -> String {
+pub(super) fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }

@@ -156,3 +156,84 @@ fn map_fd(map: &Map) -> Option<OwnedFd> {
     };
     data.fd().as_fd().try_clone_to_owned().ok()
 }
+
+/// Sockets of local resolver daemons, refused: nscd's (glibc's client; also
+/// unscd and nsncd) and systemd-resolved's varlink service (nss-resolve).
+/// The same paths on Debian, Ubuntu and Fedora.
+pub const DEFAULT_RESOLVER_SOCKETS: [&str; 2] = [
+    "/var/run/nscd/socket",
+    "/run/systemd/resolve/io.systemd.Resolve",
+];
+
+/// Sockets through which work is handed to a process outside the cgroup
+/// (systemd's private socket, the D-Bus system bus): noted, not refused.
+pub const HANDOFF_SOCKETS: [&str; 3] = [
+    "/run/systemd/private",
+    "/run/dbus/system_bus_socket",
+    "/var/run/dbus/system_bus_socket",
+];
+
+/// The table for the Unix-socket map: the default and `extra` resolver
+/// sockets (refused) under each name they are commonly reached by
+/// (`/var/run` and `/run`, and the path with its directory resolved), and
+/// the hand-off sockets (noted).
+pub fn socket_table(extra: &[std::path::PathBuf]) -> Vec<(Vec<u8>, u8)> {
+    use guard_common::evidence::{UNIX_NOTE, UNIX_REFUSE};
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut table: Vec<(Vec<u8>, u8)> = Vec::new();
+    let mut add = |path: &Path, action: u8| {
+        let mut names = vec![path.to_path_buf()];
+        if let Ok(rest) = path.strip_prefix("/var/run") {
+            names.push(Path::new("/run").join(rest));
+        } else if let Ok(rest) = path.strip_prefix("/run") {
+            names.push(Path::new("/var/run").join(rest));
+        }
+        if let (Some(dir), Some(file)) = (path.parent(), path.file_name()) {
+            if let Ok(real) = std::fs::canonicalize(dir) {
+                names.push(real.join(file));
+            }
+        }
+        for name in names {
+            let bytes = name.as_os_str().as_bytes().to_vec();
+            if !table.iter().any(|(p, _)| *p == bytes) {
+                table.push((bytes, action));
+            }
+        }
+    };
+    for path in DEFAULT_RESOLVER_SOCKETS.iter().map(Path::new) {
+        add(path, UNIX_REFUSE);
+    }
+    for path in extra {
+        add(path, UNIX_REFUSE);
+    }
+    for path in HANDOFF_SOCKETS.iter().map(Path::new) {
+        add(path, UNIX_NOTE);
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guard_common::evidence::{UNIX_NOTE, UNIX_REFUSE};
+
+    #[test]
+    fn the_table_has_both_spellings_of_run() {
+        let table = socket_table(&["/run/x/y.sock".into()]);
+        let action = |p: &str| {
+            table
+                .iter()
+                .find(|(b, _)| b == p.as_bytes())
+                .map(|(_, a)| *a)
+        };
+        assert_eq!(action("/var/run/nscd/socket"), Some(UNIX_REFUSE));
+        assert_eq!(action("/run/nscd/socket"), Some(UNIX_REFUSE));
+        assert_eq!(
+            action("/var/run/systemd/resolve/io.systemd.Resolve"),
+            Some(UNIX_REFUSE)
+        );
+        assert_eq!(action("/var/run/x/y.sock"), Some(UNIX_REFUSE));
+        assert_eq!(action("/run/systemd/private"), Some(UNIX_NOTE));
+        assert_eq!(action("/run/other"), None);
+    }
+}

@@ -154,6 +154,16 @@ struct RunArgs {
     /// programs for this run alone. (Without a daemon this is the default.)
     #[arg(long)]
     standalone: bool,
+    /// Packet and raw sockets are expected (a tool that needs them): they
+    /// are reported, but neither killed nor failing the run. A policy can
+    /// say the same with `allow_raw_sockets: true`.
+    #[arg(long)]
+    allow_raw_sockets: bool,
+    /// Unix socket of a local resolver daemon to refuse connections to,
+    /// besides nscd's and systemd-resolved's; repeatable. Implies
+    /// --standalone.
+    #[arg(long = "resolver-socket", value_name = "PATH")]
+    resolver_sockets: Vec<PathBuf>,
     /// Size of the kernel-to-userspace event buffer (a power of two, at
     /// least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = ring_size)]
@@ -237,8 +247,13 @@ pub fn main() -> i32 {
             junit: args.junit,
             summary_markdown: args.summary_markdown,
             record: args.record,
-            // An explicit cgroup placement is a standalone run's feature.
-            standalone: args.standalone || args.cgroup_parent.is_some(),
+            // An explicit cgroup placement or extra resolver sockets are a
+            // standalone run's features (the daemon's are its own).
+            standalone: args.standalone
+                || args.cgroup_parent.is_some()
+                || !args.resolver_sockets.is_empty(),
+            allow_raw_sockets: args.allow_raw_sockets,
+            resolver_sockets: args.resolver_sockets,
         }),
         Command::Daemon(args) if args.uninstall => crate::daemon::uninstall(&args.config),
         Command::Daemon(args) => crate::daemon::main(crate::daemon::DaemonOptions {

@@ -147,3 +147,52 @@ pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
         })
         .unwrap_or_default()
 }
+
+/// Checks a report against schemas/report.schema.json.
+pub fn validate_report(value: &serde_json::Value) {
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../schemas/report.schema.json"
+    ));
+    let schema: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "report does not match its schema: {errors:#?}\n{value:#}"
+    );
+}
+
+/// The cgroup2 mount point (its root cgroup's directory).
+pub fn cgroup_root() -> PathBuf {
+    guard_daemon::kernel::cgroup::cgroup2_mount_point(
+        &fs::read_to_string("/proc/self/mountinfo").unwrap(),
+    )
+    .expect("cgroup2 mounted")
+}
+
+impl Sandbox {
+    /// `guard ARGS...` in a private mount namespace with the sandbox's
+    /// resolv.conf, and each (file, target) bind-mounted over its target
+    /// (a hosts file, an nsswitch.conf) for guard and its command only.
+    pub fn guard_with_files(&self, files: &[(&Path, &str)], args: &[&str]) -> Command {
+        let mut mounts = String::from("mount --bind \"$0\" /etc/resolv.conf");
+        for (index, (_, target)) in files.iter().enumerate() {
+            mounts += &format!(" && mount --bind \"${}\" {target}", index + 1);
+        }
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!("{mounts} && shift {} && exec \"$@\"", files.len()))
+            .arg(self.path("resolv.conf"));
+        for (file, _) in files {
+            command.arg(file);
+        }
+        command.arg(GUARD).args(args);
+        command
+    }
+}

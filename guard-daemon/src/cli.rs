@@ -71,6 +71,11 @@ enum Command {
     /// otherwise. Put it in `ExecStartPre=` of a bound unit: the unit then
     /// cannot start unguarded (see the README).
     EnsureGuarded,
+    /// Say what on this host weakens the guard, each finding with what to
+    /// do: kernel features, how names are resolved here (nsswitch, hosts
+    /// file, nscd, systemd-resolved), DNS ports, IPsec, the daemon. Exit 0
+    /// when nothing weakens it, 1 otherwise.
+    Doctor(DoctorArgs),
     /// Print the daemon's recent DNS events (blocked, audited, recorded).
     Events {
         /// Keep printing new events as they happen.
@@ -80,6 +85,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Check the hosts file against these policies; repeatable.
+    #[arg(short, long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
+    /// ... and these denied names; repeatable.
+    #[arg(long, value_name = "NAME")]
+    deny: Vec<String>,
+    /// The DNS ports guard runs would inspect.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    dns_ports: Vec<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -266,7 +287,37 @@ pub fn main() -> i32 {
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
         Command::Report(args) => report(&args),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> i32 {
+    let rules = if args.policies.is_empty() && args.deny.is_empty() {
+        None
+    } else {
+        let mut policies = Vec::new();
+        for file in &args.policies {
+            match Policy::load(file) {
+                Ok(policy) => policies.push(policy),
+                Err(e) => {
+                    eprintln!("guard: {e}");
+                    return 2;
+                }
+            }
+        }
+        match crate::policy::compile(policies, &args.deny, &[], false) {
+            Ok((_, rules)) => Some(rules),
+            Err(e) => {
+                eprintln!("guard: {e}");
+                return 2;
+            }
+        }
+    };
+    crate::doctor::main(&crate::doctor::DoctorOptions {
+        json: args.json,
+        rules,
+        dns_ports: args.dns_ports,
+    })
 }
 
 /// Logs go to stderr. The daemon logs at info (one record per blocked

@@ -43,6 +43,19 @@ fn admin(request: Request, refused: &str, handle: impl FnOnce(Reply) -> Result<i
     }
 }
 
+/// The daemon's status, or None when no daemon listens on `socket`.
+pub fn daemon_status(socket: &Path) -> Result<Option<Status>> {
+    if !socket.exists() {
+        return Ok(None);
+    }
+    match ask(socket, &Request::Status)? {
+        Reply::Status(status) => Ok(Some(*status)),
+        other => Err(crate::error::Error::Daemon(format!(
+            "unexpected reply {other:?}"
+        ))),
+    }
+}
+
 /// `guard status`.
 pub fn status(json: bool) -> i32 {
     admin(Request::Status, "", |reply| match reply {

@@ -250,6 +250,9 @@ pub struct RunTotals {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// Fingerprint of the daemon's kernel object (its build).
+    #[serde(default)]
+    pub object: String,
     pub pid: u32,
     pub uptime_seconds: u64,
     pub generation: String,

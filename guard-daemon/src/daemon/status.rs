@@ -76,6 +76,7 @@ impl Daemon {
         }
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
+            object: crate::kernel::object_fingerprint(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             generation: self.generation.clone(),

@@ -226,3 +226,56 @@ pub fn attached(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<(u32
         .map(|(p, l)| (*p, *l))
         .collect())
 }
+
+/// `r0 = value; exit`: the smallest program, to probe what the kernel
+/// accepts.
+pub fn returning(value: i32) -> [aya_obj::generated::bpf_insn; 2] {
+    use aya_obj::generated::bpf_insn;
+    const MOV64_IMM: u8 = 0xb7;
+    const EXIT: u8 = 0x95;
+    [
+        bpf_insn {
+            code: MOV64_IMM,
+            _bitfield_align_1: [],
+            _bitfield_1: bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: value,
+        },
+        bpf_insn {
+            code: EXIT,
+            _bitfield_align_1: [],
+            _bitfield_1: bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: 0,
+        },
+    ]
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+}
+
+/// Runs a program once on `data` without a network (`BPF_PROG_TEST_RUN`);
+/// returns its return value.
+pub fn test_run(program: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval)
+}

@@ -7,7 +7,10 @@ mod common;
 use std::{fs, path::Path, process::Stdio, time::Duration};
 
 use common::{eventually, run_cgroups_of, Sandbox};
-use guard_common::maps::{PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK};
+use guard_common::{
+    evidence::{ESCAPE_TRACEPOINTS, PROGRAM_UNIX_CONNECT, PROGRAM_UNIX_SENDMSG},
+    maps::{PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK},
+};
 
 fn guard_cgroups(root: &Path, depth: usize, found: &mut Vec<String>) {
     let Ok(entries) = fs::read_dir(root) else {
@@ -27,12 +30,15 @@ fn guard_cgroups(root: &Path, depth: usize, found: &mut Vec<String>) {
 }
 
 fn guard_programs() -> Vec<String> {
-    let ours = [
+    let mut ours = vec![
         PROGRAM_DNS_EGRESS,
         PROGRAM_EXEC_ENTER,
         PROGRAM_EXEC_EXIT,
         PROGRAM_FORK,
+        PROGRAM_UNIX_CONNECT,
+        PROGRAM_UNIX_SENDMSG,
     ];
+    ours.extend(ESCAPE_TRACEPOINTS.iter().map(|(name, _, _)| *name));
     aya::programs::loaded_programs()
         .flatten()
         .filter_map(|p| p.name_as_str().map(str::to_owned))

@@ -74,6 +74,24 @@ impl Daemon {
                 verified_instructions: None,
             });
         }
+        for (name, category, event) in guard_common::evidence::ESCAPE_TRACEPOINTS {
+            programs.push(ProgramStatus {
+                name: name.into(),
+                attached_to: format!("tracepoint {category}/{event}"),
+                verified_instructions: None,
+            });
+        }
+        for (name, _) in crate::kernel::unixhooks::UNIX_HOOKS {
+            programs.push(ProgramStatus {
+                name: name.into(),
+                attached_to: if self.kernel.has_unix_hooks() {
+                    format!("{} cgroup(s)", self.kernel.attached_cgroups().len())
+                } else {
+                    "unavailable: this kernel has no Unix-socket hooks (Linux 6.7+)".into()
+                },
+                verified_instructions: None,
+            });
+        }
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             object: crate::kernel::object_fingerprint(),

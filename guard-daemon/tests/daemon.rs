@@ -1102,6 +1102,12 @@ fn escapes_from_bound_cgroups_and_hosted_runs_are_killed_and_reported() {
         .unwrap_or_else(|| panic!("an evidence event: {events:?}"));
     assert_eq!(escape_event["action"], "killed", "{escape_event:#}");
     assert_eq!(escape_event["binding"], "cgroup");
+    let text = Run::from(daemon.admin(&["events"]).output().unwrap());
+    assert!(
+        text.stdout
+            .contains("EVIDENCE left-cgroup: moved itself to / (killed, fails-run)"),
+        "{text:?}"
+    );
 
     let report_path = sandbox.path("report.json");
     let run = Run::from(

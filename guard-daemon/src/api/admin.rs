@@ -238,6 +238,20 @@ fn event_text(event: &serde_json::Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    if event.get("evidence").is_some() {
+        return format!(
+            "{} EVIDENCE {}: {} ({}, {}) ({} {}, policy {}) from: {}",
+            get("time"),
+            get("kind"),
+            get("detail"),
+            get("action"),
+            get("verdict"),
+            get("binding"),
+            get("guarded"),
+            get("policy"),
+            chain.join(" → ")
+        );
+    }
     let rule = event
         .get("rule")
         .filter(|r| !r.is_null())

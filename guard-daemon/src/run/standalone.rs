@@ -92,6 +92,10 @@ impl Standalone {
             reaper,
         } = placement;
         let (enforcement, ring) = Enforcement::set_up(options, rules, &path)?;
+        if let Err(reason) = enforcement.programs.unix_hooks() {
+            // Once, plainly: this is a hole on this host, not a failure.
+            eprintln!("guard: note: {reason}: lookups through nscd or systemd-resolved are not refused, and not seen");
+        }
         Ok(Standalone {
             enforcement,
             ring,

@@ -103,6 +103,7 @@ impl Programs {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        tracing::debug!(elapsed = ?t.elapsed(), "escape tracepoints verified");
         let unix = unix_offsets.and_then(|_| UnixHooks::load(&ebpf, OBJECT));
         tracing::debug!(elapsed = ?t.elapsed(), unix_hooks = unix.is_ok(), "evidence programs verified");
         Ok(Programs {

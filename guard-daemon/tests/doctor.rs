@@ -112,6 +112,15 @@ fn findings_name_what_weakens_the_guard_and_what_to_do() {
         .find(|f| f["detail"].as_str().unwrap().contains("nss-resolve"))
         .expect("a finding about nss-resolve");
     assert_eq!(resolve["status"], "info", "{resolve:#}");
+    // The sandbox's own DNS servers listen on port 53.
+    assert!(
+        json["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["check"] == "local resolvers" && f["status"] == "info"),
+        "{json:#}"
+    );
     for finding in json["findings"].as_array().unwrap() {
         if finding["status"] == "weakens" {
             assert!(finding["advice"].is_string(), "advice for {finding:#}");

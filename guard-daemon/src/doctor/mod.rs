@@ -378,6 +378,44 @@ fn resolution(findings: &mut Vec<Finding>, options: &DoctorOptions, unix_hooks: 
         }
     }
     resolved_tls(findings);
+    local_listeners(findings);
+}
+
+/// Resolvers listening on this host's DNS port (systemd-resolved's stub,
+/// dnsmasq, unbound...): a guarded command's queries to them are judged
+/// like any other; what they do upstream is outside the cgroup.
+fn local_listeners(findings: &mut Vec<Finding>) {
+    let mut listening = Vec::new();
+    for (file, listen_state) in [
+        ("/proc/net/udp", "07"),
+        ("/proc/net/udp6", "07"),
+        ("/proc/net/tcp", "0A"),
+        ("/proc/net/tcp6", "0A"),
+    ] {
+        let Ok(text) = fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            if *state == listen_state && local.ends_with(":0035") {
+                let proto = file.trim_start_matches("/proc/net/");
+                listening.push(format!("{proto} {}", local.trim_end_matches(":0035")));
+            }
+        }
+    }
+    if !listening.is_empty() {
+        findings.push(finding(
+            "local resolvers",
+            Status::Info,
+            format!(
+                "listening on port 53 here ({}): queries to them from guarded commands are judged; their own upstream queries are outside the cgroup",
+                listening.join(", ")
+            ),
+        ));
+    }
 }
 
 fn hosts_file(findings: &mut Vec<Finding>, options: &DoctorOptions) {

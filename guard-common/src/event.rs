@@ -26,20 +26,19 @@ pub enum EventKind {
     Evidence = 16,
 }
 
-/// What the kernel did with a DNS query it reported.
+/// What the kernel did with a DNS message it reported.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verdict {
-    /// A deny rule matched in enforce mode: the packet was dropped.
+    /// A deny rule matched in enforce mode: the message was dropped.
     Blocked = 1,
-    /// A deny rule matched in audit mode: the packet went through.
+    /// A deny rule matched in audit mode: the message went through.
     Audited = 2,
-    /// The packet was sent to a DNS port but its question could not be read
-    /// (compression pointer in the question, over-long label or name,
-    /// truncated, several questions). Dropped in enforce mode.
-    MalformedBlocked = 3,
+    /// The message went to (or came from) a DNS port but could not be read
+    /// with certainty (see [`Unreadable`]). Dropped in enforce mode.
+    UnreadableBlocked = 3,
     /// As above in audit mode: let through, reported.
-    MalformedAudited = 4,
+    UnreadableAudited = 4,
     /// Let through (no rule, or an allow rule); reported only for bindings
     /// in record mode, and only the first time a (name, type) is seen.
     Allowed = 5,
@@ -50,15 +49,71 @@ impl Verdict {
         match value {
             1 => Some(Verdict::Blocked),
             2 => Some(Verdict::Audited),
-            3 => Some(Verdict::MalformedBlocked),
-            4 => Some(Verdict::MalformedAudited),
+            3 => Some(Verdict::UnreadableBlocked),
+            4 => Some(Verdict::UnreadableAudited),
             5 => Some(Verdict::Allowed),
             _ => None,
         }
     }
 
     pub const fn dropped(self) -> bool {
-        matches!(self, Verdict::Blocked | Verdict::MalformedBlocked)
+        matches!(self, Verdict::Blocked | Verdict::UnreadableBlocked)
+    }
+}
+
+/// Why a message was unreadable: fail closed, and say why.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unreadable {
+    None = 0,
+    /// Shorter than a DNS header, or a record or name runs past its end.
+    Truncated = 1,
+    /// Not exactly one question.
+    QuestionCount = 2,
+    /// A compression pointer in a query's question.
+    CompressedQuestion = 3,
+    /// A label type other than a plain label or pointer (length byte 0x40
+    /// to 0xbf).
+    BadLabel = 4,
+    /// A name over 255 bytes, or over 127 labels.
+    NameTooLong = 5,
+    /// A compression pointer that does not point back into the message, or
+    /// too many of them.
+    BadPointer = 6,
+    /// More records than the kernel walks.
+    TooManyRecords = 7,
+    /// More IPv6 extension headers than the kernel follows: whether the
+    /// packet is DNS cannot be seen.
+    ExtensionHeaders = 8,
+    /// TCP urgent data on a DNS connection (it would shift the stream the
+    /// server reads).
+    UrgentData = 9,
+    /// TCP data on a DNS connection the stream inspection does not follow
+    /// (not a whole message in one segment).
+    UnfollowedStream = 10,
+    /// A UDP GSO send with more datagrams than the kernel judges.
+    TooManySegments = 11,
+    /// The program's working memory was in use on this CPU (nested runs).
+    Busy = 12,
+}
+
+impl Unreadable {
+    pub const fn from_u8(value: u8) -> Unreadable {
+        match value {
+            1 => Unreadable::Truncated,
+            2 => Unreadable::QuestionCount,
+            3 => Unreadable::CompressedQuestion,
+            4 => Unreadable::BadLabel,
+            5 => Unreadable::NameTooLong,
+            6 => Unreadable::BadPointer,
+            7 => Unreadable::TooManyRecords,
+            8 => Unreadable::ExtensionHeaders,
+            9 => Unreadable::UrgentData,
+            10 => Unreadable::UnfollowedStream,
+            11 => Unreadable::TooManySegments,
+            12 => Unreadable::Busy,
+            _ => Unreadable::None,
+        }
     }
 }
 
@@ -67,7 +122,23 @@ pub const TRANSPORT_TCP: u8 = 6;
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
-/// A reported DNS query.
+/// A query leaving the cgroup.
+pub const DIRECTION_QUERY: u8 = 1;
+/// An answer arriving in the cgroup.
+pub const DIRECTION_ANSWER: u8 = 2;
+
+/// Where in an answer a refused name was found.
+pub const SECTION_QUESTION: u8 = 0;
+pub const SECTION_ANSWER: u8 = 1;
+pub const SECTION_AUTHORITY: u8 = 2;
+pub const SECTION_ADDITIONAL: u8 = 3;
+
+/// Bytes of a refused answer kept in its event, so userspace can show the
+/// alias chain that led to the refused name.
+pub const MESSAGE_CAP: usize = 512;
+
+/// A reported DNS message: a query (question decided) or an answer (every
+/// name it would make the client use decided).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DnsEvent {
@@ -79,35 +150,50 @@ pub struct DnsEvent {
     pub transport: u8,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
+    /// [`DIRECTION_QUERY`] or [`DIRECTION_ANSWER`].
+    pub direction: u8,
+    /// An [`Unreadable`] reason (0 when the message was read).
+    pub reason: u8,
     /// Query type (1 = A, 28 = AAAA, ...); 0 when the question was unreadable.
     pub qtype: u16,
-    /// Bytes of `qname` that hold the name, leading dot included.
-    pub qname_len: u16,
-    /// Rule table index of the matching rule; `u32::MAX` when none.
+    /// Rule table index of the deciding rule; `u32::MAX` when none.
     pub rule_id: u32,
     pub policy_id: u32,
-    /// Thread group id (the process id userspace knows) of the sender.
+    /// Thread group id (the process id userspace knows) of the asker: the
+    /// sender of a query, the last sender of a query on the socket an
+    /// answer arrived on.
     pub pid: u32,
-    /// Thread id of the sender.
+    /// Thread id of the asker.
     pub tid: u32,
-    /// Source and destination ports, host byte order.
+    /// The asker's port and the resolver's, host byte order.
     pub src_port: u16,
     pub dst_port: u16,
-    /// TCP sequence number of the segment (retransmits repeat it).
-    pub tcp_seq: u32,
+    /// Answers: the type of the record that carried the refused name (5 =
+    /// CNAME, 33 = SRV, ...), and its section (`SECTION_*`).
+    pub matched_type: u16,
+    pub matched_section: u8,
+    pub _pad: u8,
     pub cgroup_id: u64,
-    /// Kernel socket cookie, used to end a blocked TCP connection.
+    /// Kernel socket cookie, used to end the asker's socket.
     pub socket_cookie: u64,
     /// `bpf_ktime_get_boot_ns` at the decision.
     pub boot_ns: u64,
-    /// IPv4 addresses use the first four bytes.
+    /// The asker's address and the resolver's; IPv4 uses the first four bytes.
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
-    /// The question name as sent (letter case untouched), in wire order with
-    /// every length byte replaced by `.`: `.api.Frontend.internal`. Byte 0 is
-    /// always the dot that stood for the first length byte.
+    /// Bytes of `qname`, `matched` and `message` used.
+    pub qname_len: u16,
+    pub matched_len: u16,
+    pub message_len: u16,
+    pub _pad2: u16,
+    /// The question name in wire format (length-prefixed labels), letter
+    /// case as sent.
     pub qname: [u8; NAME_CAP],
+    /// Answers: the refused name, decompressed, in wire format.
+    pub matched: [u8; NAME_CAP],
+    /// Answers: the first [`MESSAGE_CAP`] bytes of the message.
+    pub message: [u8; MESSAGE_CAP],
 }
 
 /// Sent when a process in a guarded cgroup calls execve (before the kernel
@@ -162,7 +248,7 @@ pub struct ForkEvent {
 
 // Layouts are part of the kernel/userspace contract; a change must be
 // deliberate.
-const _: () = assert!(core::mem::size_of::<DnsEvent>() == 104 + NAME_CAP);
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 112 + 2 * NAME_CAP + MESSAGE_CAP);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 28 + PATH_CAP + ARGS_CAP + PATH_CAP);
 const _: () = assert!(core::mem::size_of::<ExecResultEvent>() == 20);
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 32);

@@ -120,7 +120,7 @@ impl Pattern {
 
     /// The key hash the kernel looks this pattern up by.
     pub fn hash(&self) -> u64 {
-        name_hash(self.base.as_bytes())
+        name_hash(&self.base)
     }
 
     /// Does this pattern, taken alone, match `name` (dotted, any case, an
@@ -160,7 +160,7 @@ mod tests {
         let p = Pattern::parse("*.FrontEnd.Internal").unwrap();
         assert_eq!(p.to_string(), "*.frontend.internal");
         assert_eq!(p.base(), "frontend.internal");
-        assert_eq!(p.hash(), name_hash(b"frontend.internal"));
+        assert_eq!(p.hash(), name_hash("frontend.internal"));
     }
 
     #[test]

@@ -43,9 +43,13 @@ enum Command {
     /// Run CMD with DNS lookups of denylisted names refused.
     ///
     /// CMD and everything it starts run in a fresh cgroup v2 with eBPF
-    /// programs attached before CMD starts. A blocked UDP lookup fails at
-    /// once (EPERM); a blocked TCP lookup has its connection ended. Nothing
-    /// outside the cgroup is affected. Requires root.
+    /// programs attached before CMD starts. Questions are judged over UDP
+    /// and TCP, and so are answers: one that leads to a denied name (a
+    /// CNAME, DNAME, SRV, MX, HTTPS or SVCB target, an address record owned
+    /// by it) is refused too. A refused lookup fails at once: the send fails
+    /// (EPERM over UDP, EACCES over TCP), a refused TCP answer arrives as
+    /// REFUSED, and guard ends the socket. Nothing outside the cgroup is
+    /// affected. Requires root.
     #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Work with policy files.
@@ -105,7 +109,8 @@ struct DoctorArgs {
 
 #[derive(Debug, Args)]
 struct DaemonArgs {
-    /// The configuration file.
+    /// The configuration file; without one the daemon starts with the
+    /// defaults and no bindings.
     #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_CONFIG)]
     config: PathBuf,
     /// Log format on stderr (journald keeps either).
@@ -240,6 +245,12 @@ fn ring_size(text: &str) -> Result<u32, String> {
         return Err(format!("{size} is not a power of two of at least 4096"));
     }
     Ok(size)
+}
+
+/// The command-line definition, for generating shell completions and man
+/// pages from it (`cargo xtask dist`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 pub fn main() -> i32 {

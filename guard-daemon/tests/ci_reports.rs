@@ -208,9 +208,9 @@ fn json_reports_match_the_schema_and_render_again() {
             .map(|e| e["verdict"].as_str().unwrap())
             .collect();
         let expected = if mode.is_empty() {
-            ["blocked", "blocked", "malformed-blocked"]
+            ["blocked", "blocked", "unreadable-blocked"]
         } else {
-            ["audited", "audited", "malformed-audited"]
+            ["audited", "audited", "unreadable-audited"]
         };
         assert_eq!(verdicts, expected, "{value:#}");
 

@@ -894,15 +894,18 @@ fn ensure_guarded_binds_a_starting_unit_at_once() {
 }
 
 /// The shipped unit file passes systemd's own checks, and the shipped
-/// configuration loads with the repository's policies.
+/// configuration loads with the repository's policies: as installed (no
+/// bindings), and with its commented example uncommented. (The package test,
+/// `cargo xtask test-package`, runs them on systemd.)
 #[test]
 fn the_shipped_unit_and_configuration_are_valid() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let unit = fs::read_to_string(repo.join("dist/guard.service")).unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("Delegate=yes"));
+    assert!(unit.contains("\nRuntimeDirectory=guard\n"), "{unit}");
     let unit_path = dir.path().join("guard.service");
-    fs::write(&unit_path, unit.replace("/usr/local/bin/guard", GUARD)).unwrap();
+    fs::write(&unit_path, unit.replace("/usr/bin/guard", GUARD)).unwrap();
     let verify = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit_path)
@@ -919,11 +922,41 @@ fn the_shipped_unit_and_configuration_are_valid() {
     for entry in fs::read_dir(repo.join("policies")).unwrap().flatten() {
         fs::copy(entry.path(), etc.join("policies").join(entry.file_name())).unwrap();
     }
-    fs::copy(repo.join("dist/daemon.yaml"), etc.join("daemon.yaml")).unwrap();
+    let shipped = fs::read_to_string(repo.join("dist/daemon.yaml")).unwrap();
+    fs::write(etc.join("daemon.yaml"), &shipped).unwrap();
     let config = guard_daemon::daemon::config::Config::load(&etc.join("daemon.yaml"))
         .expect("dist/daemon.yaml loads");
-    assert_eq!(config.bindings.len(), 1);
+    assert!(config.bindings.is_empty());
     assert_eq!(config.socket, Path::new("/run/guard/guard.sock"));
+
+    // The example: the commented `# bindings:` block, up to the blank line.
+    let example: String = shipped
+        .lines()
+        .skip_while(|l| *l != "# bindings:")
+        .take_while(|l| !l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+        .collect();
+    let uncommented = shipped.replace("bindings: []\n", &example);
+    fs::write(etc.join("daemon.yaml"), uncommented).unwrap();
+    let config = guard_daemon::daemon::config::Config::load(&etc.join("daemon.yaml"))
+        .expect("the example in dist/daemon.yaml loads");
+    assert_eq!(config.bindings.len(), 2, "{example}");
+
+    // Bound units must outlive a restart of guard (Wants=, not Requires=)
+    // and never start unguarded.
+    let drop_in = fs::read_to_string(repo.join("dist/deploy-agent.service.d/guard.conf")).unwrap();
+    let directives: Vec<&str> = drop_in
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .collect();
+    assert_eq!(
+        directives,
+        [
+            "Wants=guard.service",
+            "After=guard.service",
+            "ExecStartPre=/usr/bin/guard ensure-guarded"
+        ]
+    );
 }
 
 /// An upgrade (here: a restart whose programs differ, forced by another

@@ -1,14 +1,21 @@
 //! Where the parts of a packet are, as a cgroup_skb program sees it (from
 //! the IP header on): the fast classification every packet goes through,
 //! and reads of packet bytes.
-use aya_ebpf::programs::SkBuffContext;
-use guard_common::event::{FAMILY_IPV4, FAMILY_IPV6};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
+    programs::SkBuffContext,
+};
+use guard_common::event::{DnsEvent, FAMILY_IPV4, FAMILY_IPV6, TRANSPORT_TCP, TRANSPORT_UDP};
 
 use crate::maps::is_dns_port;
 
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86DDu16.to_be() as u32;
 pub const IPPROTO_TCP: u8 = 6;
+pub const TCP_FLAG_URG: u8 = 0x20;
+pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const IPPROTO_UDP: u8 = 17;
 /// Marks a packet whose transport header could not be reached.
 pub const OPAQUE: u8 = 0xff;
@@ -18,6 +25,8 @@ const MAX_IPV6_EXTENSIONS: u32 = 4;
 const DIRECT_READ_LIMIT: u32 = 256;
 
 /// Where the interesting parts of a DNS-bound packet are.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub family: u8,
     pub transport: u8,
@@ -53,9 +62,19 @@ pub fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
     ctx.load::<T>(offset as usize).ok()
 }
 
-/// The fast path: `Some` only for UDP/TCP packets to a DNS port.
+/// Which port of a packet says it is DNS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A query leaving: the destination port.
+    Egress = 2,
+    /// An answer arriving: the source port.
+    Ingress = 0,
+}
+
+/// The fast path: `Some` only for UDP/TCP packets whose DNS-side port (see
+/// [`Direction`]) is a DNS port.
 #[inline(always)]
-pub fn classify(ctx: &SkBuffContext) -> Option<Packet> {
+pub fn classify(ctx: &SkBuffContext, direction: Direction) -> Option<Packet> {
     let protocol = unsafe { (*ctx.skb.skb).protocol };
     let (family, transport, l4_offset) = if protocol == ETH_P_IP_BE {
         let version_ihl: u8 = read(ctx, 0)?;
@@ -85,8 +104,8 @@ pub fn classify(ctx: &SkBuffContext) -> Option<Packet> {
         }
         return None;
     }
-    let dst_port: u16 = read(ctx, l4_offset + 2)?;
-    if !is_dns_port(dst_port) {
+    let port: u16 = read(ctx, l4_offset + direction as u32)?;
+    if !is_dns_port(port) {
         return None;
     }
     Some(Packet {
@@ -128,4 +147,41 @@ fn skip_ipv6_extensions(ctx: &SkBuffContext) -> Option<(u8, u32)> {
         i += 1;
     }
     Some((next, offset))
+}
+
+/// Fills the transport fields of a record from the packet. `direction`
+/// says which end is the asker's: the source of a query, the destination of
+/// an answer.
+#[inline(always)]
+pub fn describe(ctx: &SkBuffContext, packet: &Packet, direction: Direction, event: &mut DnsEvent) {
+    let skb = ctx.skb.skb;
+    event.transport = if packet.transport == IPPROTO_TCP {
+        TRANSPORT_TCP
+    } else {
+        TRANSPORT_UDP
+    };
+    event.family = packet.family;
+    event.cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    event.socket_cookie = unsafe { bpf_get_socket_cookie(skb as *mut c_void) };
+    let ports: [u8; 4] = load(ctx, packet.l4_offset).unwrap_or([0; 4]);
+    let (source, destination) = (
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    );
+    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+    if packet.family == FAMILY_IPV4 {
+        let addresses: [u8; 8] = load(ctx, 12).unwrap_or([0; 8]);
+        src[..4].copy_from_slice(&addresses[..4]);
+        dst[..4].copy_from_slice(&addresses[4..]);
+    } else {
+        src = load(ctx, 8).unwrap_or([0; 16]);
+        dst = load(ctx, 24).unwrap_or([0; 16]);
+    }
+    if direction == Direction::Egress {
+        (event.src_port, event.dst_port) = (source, destination);
+        (event.src_addr, event.dst_addr) = (src, dst);
+    } else {
+        (event.src_port, event.dst_port) = (destination, source);
+        (event.src_addr, event.dst_addr) = (dst, src);
+    }
 }

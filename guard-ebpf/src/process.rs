@@ -7,9 +7,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_user_str,
-        },
+        generated::bpf_probe_read_user_str,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -18,7 +16,7 @@ use guard_common::event::{
     EventKind, ExecEvent, ExecResultEvent, ForkEvent, ARGS_CAP, MAX_ARGS, PATH_CAP,
 };
 
-use crate::maps::{count_for, find_binding, fork_child_pid_offset, EVENTS};
+use crate::maps::{binding_of_current, count_for, fork_child_pid_offset, EVENTS};
 use guard_common::maps::{Binding, Counter};
 
 // Offsets in the syscall tracepoint records; stable across kernels.
@@ -28,9 +26,7 @@ const EXIT_RET: usize = 16;
 
 #[inline(always)]
 fn current_binding() -> Option<Binding> {
-    find_binding(unsafe { bpf_get_current_cgroup_id() }, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level as i32)
-    })
+    binding_of_current()
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_execve")]

@@ -5,6 +5,11 @@
 //! Every name resolves: A to 192.0.2.1, AAAA to 2001:db8::1 (documentation
 //! ranges, never routed). Recording what arrived lets a test prove that a
 //! blocked query never left the host, not only that the client failed.
+//!
+//! A few names answer with records that lead elsewhere, for the tests of
+//! answers ([`ALIASES`]): aliases (CNAME, DNAME), service records (SRV, MX,
+//! HTTPS, SVCB) and additional records, most of them leading to
+//! `frontend.internal`.
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -18,7 +23,7 @@ use std::{
 
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
-    rr::{rdata, RData, Record, RecordType},
+    rr::{rdata, Name, RData, Record, RecordType},
     serialize::binary::{BinDecodable, BinEncodable},
 };
 
@@ -133,20 +138,46 @@ fn serve_tcp(listener: TcpListener, stop: &AtomicBool, seen: &Log) {
     }
 }
 
+/// Answers every whole query it has read in one write, so pipelined
+/// queries get answers that share segments (as busy servers' do).
 fn serve_connection(mut stream: TcpStream, seen: &Log) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = [0u8; 65536];
     loop {
-        let mut length = [0u8; 2];
-        if stream.read_exact(&mut length).is_err() {
-            return Ok(());
+        let read = match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buffer[..read]);
+        let mut replies = Vec::new();
+        while pending.len() >= 2 {
+            let len = u16::from_be_bytes([pending[0], pending[1]]) as usize;
+            if pending.len() < 2 + len {
+                break;
+            }
+            let message: Vec<u8> = pending.drain(..2 + len).skip(2).collect();
+            if let Some(reply) = answer(&message, true, seen) {
+                let split = asks_for_split_answer(&message);
+                replies.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+                replies.extend_from_slice(&reply);
+                if split {
+                    // The length alone, then the answer in two halves, each
+                    // its own segment: the reader must put them together.
+                    stream.set_nodelay(true)?;
+                    let cut = replies.len() - reply.len();
+                    let half = cut + reply.len() / 2;
+                    for piece in [&replies[..cut], &replies[cut..half], &replies[half..]] {
+                        stream.write_all(piece)?;
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    replies.clear();
+                }
+            }
         }
-        let mut message = vec![0u8; u16::from_be_bytes(length) as usize];
-        stream.read_exact(&mut message)?;
-        if let Some(reply) = answer(&message, true, seen) {
-            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
-            framed.extend_from_slice(&reply);
-            stream.write_all(&framed)?;
+        if !replies.is_empty() {
+            stream.write_all(&replies)?;
         }
     }
 }
@@ -176,16 +207,226 @@ fn answer(query: &[u8], tcp: bool, seen: &Log) -> Option<Vec<u8>> {
             });
         }
         reply.add_query(question.clone());
-        let data = match question.query_type() {
-            RecordType::A => Some(RData::A(rdata::A(ANSWER_V4))),
-            RecordType::AAAA => Some(RData::AAAA(rdata::AAAA(ANSWER_V6))),
-            _ => None,
-        };
-        if let Some(data) = data {
+        let name = question.name().to_ascii().to_ascii_lowercase();
+        if name.starts_with("loop-answer") {
+            return Some(looping_answer(reply));
+        }
+        if let Some(alias) = ALIASES.iter().find(|a| a.name == name) {
+            answer_alias(&mut reply, question.name(), question.query_type(), alias);
+            continue;
+        }
+        if let Some(data) = address(question.query_type()) {
             reply.add_answer(Record::from_rdata(question.name().clone(), 60, data));
         }
     }
     reply.to_bytes().ok()
+}
+
+/// An answer no reader can follow: one A record whose owner name is a
+/// compression pointer to itself (asked for by names starting
+/// `loop-answer`).
+fn looping_answer(reply: Message) -> Vec<u8> {
+    let mut bytes = reply.to_bytes().expect("encodable");
+    // One answer, after the question.
+    bytes[6..8].copy_from_slice(&1u16.to_be_bytes());
+    let at = bytes.len() as u16;
+    bytes.extend_from_slice(&(0xc000 | at).to_be_bytes());
+    bytes.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    bytes.extend_from_slice(&ANSWER_V4.octets());
+    bytes
+}
+
+/// Names starting `split-answer` are answered over TCP in pieces.
+fn asks_for_split_answer(query: &[u8]) -> bool {
+    Message::from_bytes(query).is_ok_and(|m| {
+        m.queries()
+            .iter()
+            .any(|q| q.name().to_ascii().starts_with("split-answer"))
+    })
+}
+
+fn address(qtype: RecordType) -> Option<RData> {
+    match qtype {
+        RecordType::A => Some(RData::A(rdata::A(ANSWER_V4))),
+        RecordType::AAAA => Some(RData::AAAA(rdata::AAAA(ANSWER_V6))),
+        _ => None,
+    }
+}
+
+/// A name that answers with a record leading to another name.
+pub struct Alias {
+    /// Fully qualified, lower case.
+    pub name: &'static str,
+    pub kind: AliasKind,
+    pub target: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AliasKind {
+    /// A CNAME to the target, then the target's address.
+    Cname,
+    /// A DNAME of the name's parent to the target zone, then the CNAME it
+    /// synthesises (the name's first label under the target), then that
+    /// name's address.
+    Dname,
+    Srv,
+    Mx,
+    Https,
+    Svcb,
+    /// The name's address, with an additional address record owned by the
+    /// target.
+    Additional,
+}
+
+/// The names of the test zone that lead elsewhere. `*.legacy.internal` is
+/// renamed to `*.frontend.internal` by a DNAME. (Over TCP, names starting
+/// `split-answer` are answered in pieces; names starting `loop-answer` get
+/// an answer whose record name points at itself.)
+pub const ALIASES: &[Alias] = &[
+    Alias {
+        name: "db-lb.internal.",
+        kind: AliasKind::Cname,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "chain.internal.",
+        kind: AliasKind::Cname,
+        target: "hop.internal.",
+    },
+    Alias {
+        name: "hop.internal.",
+        kind: AliasKind::Cname,
+        target: "api.frontend.internal.",
+    },
+    Alias {
+        name: "ok-alias.internal.",
+        kind: AliasKind::Cname,
+        target: "db.internal.",
+    },
+    Alias {
+        name: "x.legacy.internal.",
+        kind: AliasKind::Dname,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "_db._tcp.internal.",
+        kind: AliasKind::Srv,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "_ok._tcp.internal.",
+        kind: AliasKind::Srv,
+        target: "db.internal.",
+    },
+    Alias {
+        name: "mail.internal.",
+        kind: AliasKind::Mx,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "web.internal.",
+        kind: AliasKind::Https,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "svc.internal.",
+        kind: AliasKind::Svcb,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "split-answer-alias.internal.",
+        kind: AliasKind::Cname,
+        target: "frontend.internal.",
+    },
+    Alias {
+        name: "glue.internal.",
+        kind: AliasKind::Additional,
+        target: "frontend.internal.",
+    },
+];
+
+fn answer_alias(reply: &mut Message, owner: &Name, qtype: RecordType, alias: &Alias) {
+    let target = Name::from_ascii(alias.target).expect("valid target");
+    let record = |owner: &Name, data: RData| Record::from_rdata(owner.clone(), 60, data);
+    match alias.kind {
+        AliasKind::Cname => {
+            reply.add_answer(record(owner, RData::CNAME(rdata::CNAME(target.clone()))));
+            // Follow the chain as a resolver would.
+            let mut current = target;
+            let mut hops = 0;
+            while let Some(next) = ALIASES.iter().find(|a| {
+                a.kind == AliasKind::Cname && a.name == current.to_ascii().to_ascii_lowercase()
+            }) {
+                let next_target = Name::from_ascii(next.target).expect("valid target");
+                reply.add_answer(record(
+                    &current,
+                    RData::CNAME(rdata::CNAME(next_target.clone())),
+                ));
+                current = next_target;
+                hops += 1;
+                if hops > 8 {
+                    break;
+                }
+            }
+            if let Some(data) = address(qtype) {
+                reply.add_answer(record(&current, data));
+            }
+        }
+        AliasKind::Dname => {
+            let parent = owner.base_name();
+            let first = owner.iter().next().expect("a label");
+            let synthesised = Name::from_labels([first])
+                .expect("label")
+                .append_domain(&target)
+                .expect("name");
+            let mut wire = Vec::new();
+            {
+                let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut wire);
+                target
+                    .emit_as_canonical(&mut encoder, true)
+                    .expect("encodable");
+            }
+            reply.add_answer(record(
+                &parent,
+                RData::Unknown {
+                    code: RecordType::Unknown(39),
+                    rdata: rdata::NULL::with(wire),
+                },
+            ));
+            reply.add_answer(record(
+                owner,
+                RData::CNAME(rdata::CNAME(synthesised.clone())),
+            ));
+            if let Some(data) = address(qtype) {
+                reply.add_answer(record(&synthesised, data));
+            }
+        }
+        AliasKind::Srv => {
+            reply.add_answer(record(
+                owner,
+                RData::SRV(rdata::SRV::new(0, 0, 5432, target.clone())),
+            ));
+            reply.add_additional(record(&target, RData::A(rdata::A(ANSWER_V4))));
+        }
+        AliasKind::Mx => {
+            reply.add_answer(record(owner, RData::MX(rdata::MX::new(10, target))));
+        }
+        AliasKind::Https | AliasKind::Svcb => {
+            let svcb = rdata::SVCB::new(1, target, Vec::new());
+            let data = if alias.kind == AliasKind::Https {
+                RData::HTTPS(rdata::HTTPS(svcb))
+            } else {
+                RData::SVCB(svcb)
+            };
+            reply.add_answer(record(owner, data));
+        }
+        AliasKind::Additional => {
+            if let Some(data) = address(qtype) {
+                reply.add_answer(record(owner, data));
+            }
+            reply.add_additional(record(&target, RData::A(rdata::A(ANSWER_V4))));
+        }
+    }
 }
 
 /// A DNS query in wire format, for clients written in the tests.
@@ -200,6 +441,24 @@ pub fn query_bytes(name: &str, qtype: RecordType, id: u16) -> Vec<u8> {
             qtype,
         ));
     message.to_bytes().expect("encodable")
+}
+
+/// As [`query_bytes`], with an EDNS OPT record (4096-byte UDP payload), as
+/// most resolvers send.
+pub fn query_bytes_edns(name: &str, qtype: RecordType, id: u16) -> Vec<u8> {
+    use hickory_proto::op::Edns;
+    let mut message = Message::from_bytes(&query_bytes(name, qtype, id)).expect("just made");
+    let mut edns = Edns::new();
+    edns.set_max_payload(4096);
+    message.set_edns(edns);
+    message.to_bytes().expect("encodable")
+}
+
+/// The response code of a reply (`ServFail` when it does not parse).
+pub fn response_code(reply: &[u8]) -> ResponseCode {
+    Message::from_bytes(reply)
+        .map(|m| m.response_code())
+        .unwrap_or(ResponseCode::ServFail)
 }
 
 /// Reads the answer addresses out of a reply.

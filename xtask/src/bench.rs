@@ -55,14 +55,17 @@ const WINDOW: &str = "32";
 const DENIED: &str = "frontend.internal";
 const SERVER: &str = "127.0.0.1:53";
 const TCP_SINK: &str = "127.0.0.1:5001";
-const NETFILTER_CGROUP: &str = "guard-bench-netfilter";
+/// The netfilter comparison's cgroup, named by this process (see
+/// `BenchDaemon::start`).
+fn netfilter_cgroup() -> String {
+    format!("guard-bench-netfilter-{}", std::process::id())
+}
 
 pub fn bench(args: &[String]) -> Result<()> {
     require_root("bench")?;
     let smoke = args.iter().any(|a| a == "--smoke");
     let sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     setup::setup()?;
-    setup::bench_tools()?;
     let (root, bin) = crate::release_binaries()?;
     let out_dir = root.join(if smoke {
         "target/bench-smoke"
@@ -104,7 +107,7 @@ impl Drop for Bench {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = fs::remove_dir(self.cgroup_root.join(NETFILTER_CGROUP));
+        let _ = fs::remove_dir(self.cgroup_root.join(netfilter_cgroup()));
     }
 }
 
@@ -248,7 +251,10 @@ impl Bench {
                     .args(&load),
             )?,
             "netfilter" => {
-                let procs = self.cgroup_root.join(NETFILTER_CGROUP).join("cgroup.procs");
+                let procs = self
+                    .cgroup_root
+                    .join(netfilter_cgroup())
+                    .join("cgroup.procs");
                 let script = format!("echo $$ > {} && exec \"$@\"", procs.display());
                 self.output(Command::new("sh").args(["-c", &script, "sh"]).args(&load))?
             }
@@ -258,7 +264,7 @@ impl Bench {
     }
 
     fn netfilter(&self, add: bool) -> Result<()> {
-        let cgroup = self.cgroup_root.join(NETFILTER_CGROUP);
+        let cgroup = self.cgroup_root.join(netfilter_cgroup());
         if add {
             fs::create_dir_all(&cgroup)?;
         }
@@ -283,7 +289,7 @@ impl Bench {
                 "-m",
                 "cgroup",
                 "--path",
-                NETFILTER_CGROUP,
+                &netfilter_cgroup(),
             ])
             .args([
                 "-m",
@@ -622,8 +628,11 @@ impl BenchDaemon {
         fs::write(
             &config,
             format!(
-                "socket: {}\npin_dir: /sys/fs/bpf/guard-bench\nruns_cgroup: /guard-bench-runs\nbindings: []\n",
-                dir.join("guard.sock").display()
+                // Named by this process, so benches in other checkouts on
+                // the same machine do not share pins or cgroups.
+                "socket: {}\npin_dir: /sys/fs/bpf/guard-bench-{pid}\nruns_cgroup: /guard-bench-runs-{pid}\nbindings: []\n",
+                dir.join("guard.sock").display(),
+                pid = std::process::id(),
             ),
         )?;
         let guard = bench.bin.join("guard");

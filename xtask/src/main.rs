@@ -1,10 +1,13 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | dist | test-package`.
 //!
-//! `test` and `demo` install what they need first (`setup`), so on a fresh
-//! machine each is the one command to type. Both need root: they load eBPF
-//! programs and create cgroups.
+//! Each installs what it needs first (`setup`), so on a fresh machine each
+//! is the one command to type. All but `dist` need root: they load eBPF
+//! programs, create cgroups or boot a container.
 mod bench;
+mod container;
 mod demo;
+mod dist;
+mod package_test;
 mod setup;
 
 use std::process::{Command, Stdio};
@@ -18,14 +21,19 @@ fn main() {
         "test" => test(),
         "demo" => demo::demo(),
         "bench" => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "dist" => dist::dist(),
+        "test-package" => test_package(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
-                 setup   install the nightly rust-src, bpf-linker and the test tools if missing\n  \
-                 test    setup, then formatting, clippy (host and eBPF), and every test (root)\n  \
-                 demo    setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
-                 bench   what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)"
+                 setup         install the nightly rust-src, bpf-linker, cargo-deb and the test tools if missing\n  \
+                 test          setup, then formatting, clippy (host and eBPF), every test, the package\n                \
+                 on systemd in a container, and the bench on tiny sizes (root)\n  \
+                 demo          setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
+                 bench         what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)\n  \
+                 dist          the Debian package: target/debian/guard_<version>_<arch>.deb\n  \
+                 test-package  dist, then only the package test in a container booting systemd (root)"
             );
             std::process::exit(2);
         }
@@ -38,6 +46,7 @@ fn main() {
 
 fn test() -> Result<()> {
     require_root("test")?;
+    // Ends by checking that every command the tests run is there.
     setup::setup()?;
     run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo").args([
@@ -69,9 +78,24 @@ fn test() -> Result<()> {
     // Integration tests drive the test client binary built beside guard.
     run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
     cargo_test()?;
+    // The package, installed and used on systemd booted in a container.
+    package_test::package_test(&workspace_root()?, &dist::build()?)?;
     // The benchmark must keep working; on tiny sizes it checks that every row
     // runs and that received + lost events add up, never how fast anything is.
     bench::bench(&["--smoke".to_string()])
+}
+
+fn test_package() -> Result<()> {
+    require_root("test-package")?;
+    setup::setup()?;
+    package_test::package_test(&workspace_root()?, &dist::build()?)
+}
+
+pub fn workspace_root() -> Result<std::path::PathBuf> {
+    Ok(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned())
 }
 
 /// Runs the tests, echoing their output, and closes with one total line:
@@ -114,10 +138,7 @@ fn cargo_test() -> Result<()> {
 /// Builds every binary in release mode; returns (workspace root, binary dir).
 pub fn release_binaries() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
+    let root = workspace_root()?;
     let bin = root.join("target/release");
     Ok((root, bin))
 }

@@ -5,7 +5,10 @@
 //!   `-Z build-std=core`);
 //! - bpf-linker, built against an LLVM with the same major version as
 //!   nightly's: first nightly's own libLLVM, then Debian's llvm-N-dev;
-//! - dig, xmllint and the other command-line tools the tests drive.
+//! - every command the tests, the bench and the systemd container test run
+//!   ([`TOOLS`]: dig, xmllint, debootstrap, systemd-nspawn, ...);
+//! - nss-resolve, unpacked (not installed) for the systemd-resolved test;
+//! - cargo-deb, which builds the Debian package (`cargo xtask dist`).
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -22,6 +25,7 @@ pub fn setup() -> Result<()> {
     nightly_with_rust_src()?;
     bpf_linker()?;
     test_tools()?;
+    require_tools()?;
     println!("setup: everything needed is installed");
     Ok(())
 }
@@ -149,28 +153,69 @@ fn install_bpf_linker(major: &str, prefix: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A command the tests, the bench or the container test run, and the Debian
+/// package that has it.
+struct Tool {
+    command: &'static str,
+    package: &'static str,
+}
+
+const fn tool(command: &'static str, package: &'static str) -> Tool {
+    Tool { command, package }
+}
+
+/// Every external command `cargo xtask test` runs (the tests, the bench on
+/// tiny sizes, the systemd container test), one a line.
+const TOOLS: &[Tool] = &[
+    tool("dig", "bind9-dnsutils"),
+    tool("ip", "iproute2"),
+    tool("unshare", "util-linux"),
+    tool("nsenter", "util-linux"),
+    tool("mount", "mount"),
+    tool("script", "bsdutils"),
+    tool("getent", "libc-bin"),
+    tool("timeout", "coreutils"),
+    tool("awk", "mawk"),
+    tool("python3", "python3"),
+    tool("xmllint", "libxml2-utils"),
+    tool("systemd-analyze", "systemd"),
+    tool("iptables", "iptables"),
+    tool("/usr/bin/time", "time"),
+    tool("dpkg-deb", "dpkg"),
+    tool("debootstrap", "debootstrap"),
+    tool("systemd-nspawn", "systemd-container"),
+    tool("zstd", "zstd"),
+    // A caching daemon the resolver-socket tests start (never as a service:
+    // see no_service_starts).
+    tool("nscd", "nscd"),
+    // Detaches guard's links in the tamper tests, as a user would.
+    tool("bpftool", "bpftool"),
+    // Real DNS clients the stream and answer tests drive.
+    tool("kdig", "knot-dnsutils"),
+    tool("go", "golang-go"),
+    tool(
+        "/usr/lib/python3/dist-packages/dns/resolver.py",
+        "python3-dnspython",
+    ),
+];
+
 fn test_tools() -> Result<()> {
-    let needed: Vec<&str> = [
-        ("dig", "bind9-dnsutils"),
-        ("ip", "iproute2"),
-        ("unshare", "util-linux"),
-        ("getent", "libc-bin"),
-        // Checks the shipped unit file.
-        ("systemd-analyze", "systemd"),
-        // A caching daemon the resolver-socket tests start (never as a
-        // service: see no_service_starts).
-        ("nscd", "nscd"),
-        // Detaches guard's links in the tamper tests, as a user would.
-        ("bpftool", "bpftool"),
-    ]
-    .into_iter()
-    .filter(|(tool, _)| !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])))
-    .map(|(_, package)| package)
-    .collect();
+    let mut needed: Vec<&str> = missing_tools().map(|t| t.package).collect();
+    needed.sort_unstable();
+    needed.dedup();
     if !needed.is_empty() {
+        let mymachines_before = package_installed("libnss-mymachines");
         no_service_starts(|| apt_install(&needed))?;
+        // systemd-container recommends it; it would add the containers'
+        // names to the host's name resolution.
+        if !mymachines_before && package_installed("libnss-mymachines") {
+            run(Command::new("apt-get")
+                .args(["purge", "-y", "-q", "libnss-mymachines"])
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
     }
-    nss_resolve()
+    nss_resolve()?;
+    cargo_deb()
 }
 
 /// Runs `install` with Debian's policy layer refusing every service start,
@@ -239,20 +284,61 @@ pub fn test_deps_dir() -> PathBuf {
         .join("target/test-deps")
 }
 
-/// What `cargo xtask bench` needs beyond the tests: iptables (for the
-/// netfilter comparison row) and GNU time (peak memory).
-pub fn bench_tools() -> Result<()> {
-    let needed: Vec<&str> = [("iptables", "iptables"), ("/usr/bin/time", "time")]
-        .into_iter()
-        .filter(|(tool, _)| {
-            !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-        })
-        .map(|(_, package)| package)
-        .collect();
-    if needed.is_empty() {
+fn missing_tools() -> impl Iterator<Item = &'static Tool> {
+    TOOLS.iter().filter(|t| {
+        // A command on PATH, or a file (a library module) by its path.
+        let check = format!("command -v {0} || test -e {0}", t.command);
+        !succeeds(Command::new("sh").args(["-c", &check]))
+    })
+}
+
+fn package_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|status| status.ends_with(" installed"))
+}
+
+/// Fails, naming each missing command and its Debian package, unless every
+/// command the tests run is there: the end of setup, so the start of
+/// `cargo xtask test`, which would otherwise fail obscurely in some test.
+fn require_tools() -> Result<()> {
+    if !succeeds(Command::new("cargo").args(["deb", "--version"])) {
+        bail!(
+            "the tests need `cargo deb`, which is missing \
+             (cargo install cargo-deb --locked --version {CARGO_DEB_VERSION})"
+        );
+    }
+    let missing: Vec<&Tool> = missing_tools().collect();
+    if !missing.is_empty() {
+        let packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
+        bail!(
+            "the tests need commands that are missing: {} (apt-get install {})",
+            missing
+                .iter()
+                .map(|t| format!("`{}` from Debian package {}", t.command, t.package))
+                .collect::<Vec<_>>()
+                .join(", "),
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask dist` builds the Debian package with cargo-deb. Pinned: the
+/// newest release when this was written, and it builds with rustc 1.85+.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+fn cargo_deb() -> Result<()> {
+    if succeeds(Command::new("cargo").args(["deb", "--version"])) {
         return Ok(());
     }
-    apt_install(&needed)
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes, once)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))
 }
 
 pub fn apt_install(packages: &[&str]) -> Result<()> {
@@ -260,6 +346,8 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
+        // Another apt (unattended-upgrades on a fresh machine) may hold it.
+        .args(["-o", "DPkg::Lock::Timeout=300"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

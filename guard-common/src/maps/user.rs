@@ -1,6 +1,6 @@
 //! Userspace side of the map types: aya `Pod` impls (plain old data:
 //! repr(C), integers and explicit padding fields).
-use super::{Binding, PolicyCounters, SeenKey};
+use super::{Binding, PolicyCounters, SeenKey, SockState};
 
 // SAFETY: repr(C) structs of integers with explicit padding fields.
 unsafe impl aya::Pod for Binding {}
@@ -8,3 +8,5 @@ unsafe impl aya::Pod for Binding {}
 unsafe impl aya::Pod for SeenKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyCounters {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SockState {}

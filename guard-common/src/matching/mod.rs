@@ -17,9 +17,11 @@
 #[cfg(feature = "user")]
 mod user;
 
-/// FNV-1a 64-bit offset basis.
+/// Starting value of a suffix hash (the empty suffix).
 pub const HASH_INIT: u64 = 0xcbf2_9ce4_8422_2325;
-const HASH_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// Multipliers of the label and suffix mixes (odd 64-bit constants).
+const LABEL_PRIME: u64 = 0xff51_afd7_ed55_8ccd;
+const SUFFIX_PRIME: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// ASCII lower-casing, the only case folding DNS defines.
 #[inline(always)]
@@ -31,22 +33,113 @@ pub const fn fold_case(b: u8) -> u8 {
     }
 }
 
-/// One step of the suffix hash. Bytes are fed from the end of the name.
+/// [`fold_case`] on the 8 bytes of a word at once (SWAR): bytes `A`..=`Z`
+/// get bit 5 set, every other byte (including bytes >= 0x80) is unchanged.
 #[inline(always)]
-pub const fn hash_step(hash: u64, byte: u8) -> u64 {
-    (hash ^ byte as u64).wrapping_mul(HASH_PRIME)
+pub const fn fold_case_word(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low7 = word & !HIGH;
+    // High bit of each byte: set where the 7-bit value is >= 'A' ...
+    let at_least_a = low7.wrapping_add(ONES * (0x80 - b'A' as u64));
+    // ... and where it is > 'Z'.
+    let above_z = low7.wrapping_add(ONES * (0x80 - b'Z' as u64 - 1));
+    let upper = at_least_a & !above_z & !word & HIGH;
+    word | (upper >> 2)
 }
 
-/// Hash of a whole (already lower-cased, dotted, no trailing dot) name, as the
-/// kernel computes it for a suffix of a query name.
-pub const fn name_hash(name: &[u8]) -> u64 {
-    let mut hash = HASH_INIT;
-    let mut i = name.len();
-    while i > 0 {
-        i -= 1;
-        hash = hash_step(hash, fold_case(name[i]));
+/// First value of a label's hash: the length is mixed in so that labels
+/// differing only in trailing zero bytes differ.
+#[inline(always)]
+pub const fn label_hash_start(len: u32) -> u64 {
+    HASH_INIT ^ (len as u64)
+}
+
+/// One step of a label's hash over 8 bytes of the label (little-endian,
+/// zero-padded at the end, already case-folded).
+#[inline(always)]
+pub const fn label_hash_step(hash: u64, word: u64) -> u64 {
+    let mixed = (hash ^ word).wrapping_mul(LABEL_PRIME);
+    mixed ^ (mixed >> 32)
+}
+
+/// Hash of one label, any case. Labels are bytes: a `.` inside a label is a
+/// byte like any other, never a separator.
+pub const fn label_hash(label: &[u8]) -> u64 {
+    let mut hash = label_hash_start(label.len() as u32);
+    let mut at = 0;
+    while at < label.len() {
+        let mut word = 0u64;
+        let mut i = 0;
+        while i < 8 && at + i < label.len() {
+            word |= (label[at + i] as u64) << (8 * i);
+            i += 1;
+        }
+        hash = label_hash_step(hash, fold_case_word(word));
+        at += 8;
     }
     hash
+}
+
+/// The hash of the suffix `label.suffix`, from the hash of `suffix` and the
+/// label's hash. Names are hashed from their last label to their first, so
+/// every label-boundary suffix's hash is met on the way.
+#[inline(always)]
+pub const fn extend_suffix(suffix: u64, label: u64) -> u64 {
+    (suffix.rotate_left(23) ^ label).wrapping_mul(SUFFIX_PRIME)
+}
+
+/// Hash of a name given as its labels, first to last.
+pub fn labels_hash<'a>(labels: impl DoubleEndedIterator<Item = &'a [u8]>) -> u64 {
+    labels.rev().fold(HASH_INIT, |hash, label| {
+        extend_suffix(hash, label_hash(label))
+    })
+}
+
+/// Hash of a dotted name (no trailing dot, any case) whose labels contain no
+/// `.`: how patterns are keyed.
+pub fn name_hash(dotted: &str) -> u64 {
+    if dotted.is_empty() {
+        return HASH_INIT;
+    }
+    labels_hash(dotted.split('.').map(str::as_bytes))
+}
+
+/// The labels of a wire-format name without compression (length-prefixed
+/// labels ending in the root label), or None if it is not one.
+pub fn wire_labels(wire: &[u8]) -> Option<WireLabels<'_>> {
+    let mut at = 0;
+    loop {
+        let len = *wire.get(at)? as usize;
+        if len == 0 {
+            return (at < 255).then_some(WireLabels { wire, at: 0 });
+        }
+        if len > 63 {
+            return None;
+        }
+        at += 1 + len;
+    }
+}
+
+/// Iterator over the labels of a checked wire-format name.
+#[derive(Clone, Debug)]
+pub struct WireLabels<'a> {
+    wire: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for WireLabels<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = *self.wire.get(self.at)? as usize;
+        if len == 0 {
+            return None;
+        }
+        let label = self.wire.get(self.at + 1..self.at + 1 + len)?;
+        self.at += 1 + len;
+        Some(label)
+    }
 }
 
 /// What a matching rule asks for. Stored as `u8` in the maps.
@@ -142,20 +235,20 @@ impl RuleEntry {
     };
 }
 
-/// The state of one backward walk over a query name.
+/// The state of one walk over a name's labels, from the last to the first.
 ///
-/// Usage (both sides): for each byte of the lower-cased dotted name, from the
-/// last to the first, call [`SuffixWalk::step`]; when it returns a hash, look
-/// that hash up and pass the entry's wildcard slot to
-/// [`SuffixWalk::consider`]. After the first byte, look up
-/// [`SuffixWalk::hash`] and consider the exact slot. [`SuffixWalk::best`] is
-/// then the verdict.
+/// Usage (both sides): for each label from the last to the first, call
+/// [`SuffixWalk::push`] with its [`label_hash`]; when it returns a suffix
+/// (the labels already pushed, which now have a label in front), look that
+/// hash up and pass the entry's wildcard slot to [`SuffixWalk::consider`].
+/// After the first label, look up [`SuffixWalk::hash`] and consider the
+/// exact slot. [`SuffixWalk::best`] is then the verdict.
 #[derive(Clone, Copy, Debug)]
 pub struct SuffixWalk {
+    /// Hash of the labels pushed so far (after the walk: of the name).
     pub hash: u64,
     pub best: RuleSlot,
-    /// Labels in the suffix whose hash [`SuffixWalk::step`] last returned
-    /// (after the walk: labels in the whole name).
+    /// Labels pushed so far.
     pub labels: u32,
 }
 
@@ -174,24 +267,15 @@ impl SuffixWalk {
         }
     }
 
-    /// Feeds one (lower-cased) byte. Returns the hash of the suffix that
-    /// starts right after this byte when the byte is a label separator.
+    /// Puts a label in front of the suffix walked so far. Returns that
+    /// suffix (hash, labels) when it is not empty: the base a `*.` rule
+    /// would be keyed by, now that a label stands in front of it.
     #[inline(always)]
-    pub fn step(&mut self, byte: u8) -> Option<u64> {
-        let suffix = self.hash;
-        self.hash = hash_step(self.hash, byte);
-        if byte == b'.' {
-            self.labels += 1;
-            Some(suffix)
-        } else {
-            None
-        }
-    }
-
-    /// Labels in the whole name, once every byte has been fed.
-    #[inline(always)]
-    pub fn name_labels(&self) -> u32 {
-        self.labels + 1
+    pub fn push(&mut self, label_hash: u64) -> Option<(u64, u32)> {
+        let suffix = (self.labels > 0).then_some((self.hash, self.labels));
+        self.hash = extend_suffix(self.hash, label_hash);
+        self.labels += 1;
+        suffix
     }
 
     /// Records a rule found for the current suffix; later (longer) suffixes
@@ -220,34 +304,32 @@ pub const fn label_bit(labels: u32) -> u64 {
 pub const ALL_LABELS: u64 = u64::MAX;
 
 /// Reference implementation of the kernel's decision, used by userspace to
-/// re-check what the kernel reported and by the tests. `name` is the dotted
-/// name without trailing dot, any case.
-pub fn decide(name: &[u8], lookup: impl FnMut(u64) -> Option<RuleEntry>) -> RuleSlot {
-    decide_masked(name, ALL_LABELS, lookup)
+/// re-check what the kernel reported and by the tests. `labels` are the
+/// name's labels, first to last, any case.
+pub fn decide<'a>(
+    labels: impl DoubleEndedIterator<Item = &'a [u8]>,
+    lookup: impl FnMut(u64) -> Option<RuleEntry>,
+) -> RuleSlot {
+    decide_masked(labels, ALL_LABELS, lookup)
 }
 
 /// [`decide`], skipping the lookups `label_mask` rules out, as the kernel does.
-pub fn decide_masked(
-    name: &[u8],
+pub fn decide_masked<'a>(
+    labels: impl DoubleEndedIterator<Item = &'a [u8]>,
     label_mask: u64,
     mut lookup: impl FnMut(u64) -> Option<RuleEntry>,
 ) -> RuleSlot {
     let mut walk = SuffixWalk::new();
-    if name.is_empty() {
-        return walk.best;
-    }
-    let mut i = name.len();
-    while i > 0 {
-        i -= 1;
-        if let Some(suffix) = walk.step(fold_case(name[i])) {
-            if label_mask & label_bit(walk.labels) != 0 {
+    for label in labels.rev() {
+        if let Some((suffix, labels)) = walk.push(label_hash(label)) {
+            if label_mask & label_bit(labels) != 0 {
                 if let Some(entry) = lookup(suffix) {
                     walk.consider(&entry.wildcard);
                 }
             }
         }
     }
-    if label_mask & label_bit(walk.name_labels()) != 0 {
+    if walk.labels > 0 && label_mask & label_bit(walk.labels) != 0 {
         if let Some(entry) = lookup(walk.hash) {
             walk.consider(&entry.exact);
         }
@@ -258,7 +340,7 @@ pub fn decide_masked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::{collections::HashMap, vec::Vec};
 
     fn table(rules: &[(&str, Action)]) -> HashMap<u64, RuleEntry> {
         let mut map: HashMap<u64, RuleEntry> = HashMap::new();
@@ -266,12 +348,12 @@ mod tests {
             let slot = RuleSlot::new(*action, id as u32);
             match pattern.strip_prefix("*.") {
                 Some(base) => {
-                    map.entry(name_hash(base.as_bytes()))
+                    map.entry(name_hash(base))
                         .or_insert(RuleEntry::EMPTY)
                         .wildcard = slot
                 }
                 None => {
-                    map.entry(name_hash(pattern.as_bytes()))
+                    map.entry(name_hash(pattern))
                         .or_insert(RuleEntry::EMPTY)
                         .exact = slot
                 }
@@ -280,8 +362,15 @@ mod tests {
         map
     }
 
+    fn labels(name: &str) -> Vec<&[u8]> {
+        if name.is_empty() {
+            return Vec::new();
+        }
+        name.split('.').map(str::as_bytes).collect()
+    }
+
     fn verdict(map: &HashMap<u64, RuleEntry>, name: &str) -> (Action, u32) {
-        let slot = decide(name.as_bytes(), |h| map.get(&h).copied());
+        let slot = decide(labels(name).into_iter(), |h| map.get(&h).copied());
         (Action::from_u8(slot.action), slot.rule_id)
     }
 
@@ -312,6 +401,26 @@ mod tests {
         assert_eq!(verdict(&m, "FrOnTeNd.InTeRnAl").0, Action::Block);
         let m = table(&[("*.Frontend.Internal", Action::Block)]);
         assert_eq!(verdict(&m, "API.FRONTEND.INTERNAL").0, Action::Block);
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_is_not_a_separator() {
+        let m = table(&[
+            ("*.frontend.internal", Action::Block),
+            ("a.b.frontend.internal", Action::Allow),
+        ]);
+        // Three labels "a", "b", "frontend", "internal": the allow applies.
+        assert_eq!(verdict(&m, "a.b.frontend.internal").0, Action::Allow);
+        // The label "a.b" followed by "frontend", "internal": not the allowed
+        // name (four labels), but below *.frontend.internal.
+        let name: [&[u8]; 3] = [b"a.b", b"frontend", b"internal"];
+        let slot = decide(name.into_iter(), |h| m.get(&h).copied());
+        assert_eq!(Action::from_u8(slot.action), Action::Block);
+        // "frontend.internal" as one label is not the name frontend.internal.
+        let m = table(&[("frontend.internal", Action::Block)]);
+        let one: [&[u8]; 1] = [b"frontend.internal"];
+        let slot = decide(one.into_iter(), |h| m.get(&h).copied());
+        assert_eq!(Action::from_u8(slot.action), Action::None);
     }
 
     #[test]
@@ -367,11 +476,11 @@ mod tests {
         ];
         for name in names {
             let mut lookups = 0;
-            let masked = decide_masked(name.as_bytes(), mask, |h| {
+            let masked = decide_masked(labels(name).into_iter(), mask, |h| {
                 lookups += 1;
                 m.get(&h).copied()
             });
-            let full = decide(name.as_bytes(), |h| m.get(&h).copied());
+            let full = decide(labels(name).into_iter(), |h| m.get(&h).copied());
             assert_eq!(masked, full, "{name}");
             // At most one lookup per label count the rules have (1, 2, 3, 6),
             // however many labels the name has.
@@ -381,24 +490,65 @@ mod tests {
 
     #[test]
     fn suffix_hashes_from_walk_equal_name_hashes() {
-        // The property the kernel relies on: the running hash at a label
-        // boundary equals name_hash of the suffix after it.
-        let name = b"a.bb.ccc.dddd";
+        // The property the kernel relies on: walking the labels from the
+        // end, each suffix met has the hash its name has.
+        let name = "a.bb.ccc.dddd";
         let mut walk = SuffixWalk::new();
-        let mut seen = std::vec::Vec::new();
-        for &b in name.iter().rev() {
-            if let Some(h) = walk.step(b) {
-                seen.push(h);
+        let mut seen = Vec::new();
+        for label in labels(name).into_iter().rev() {
+            if let Some((hash, count)) = walk.push(label_hash(label)) {
+                seen.push((hash, count));
             }
         }
         assert_eq!(
             seen,
             std::vec![
-                name_hash(b"dddd"),
-                name_hash(b"ccc.dddd"),
-                name_hash(b"bb.ccc.dddd")
+                (name_hash("dddd"), 1),
+                (name_hash("ccc.dddd"), 2),
+                (name_hash("bb.ccc.dddd"), 3)
             ]
         );
         assert_eq!(walk.hash, name_hash(name));
+        assert_eq!(walk.labels, 4);
+    }
+
+    #[test]
+    fn word_case_folding_equals_byte_case_folding() {
+        // Every byte value in every position of a word.
+        for byte in 0..=255u8 {
+            for position in 0..8 {
+                let mut bytes = [b'q'; 8];
+                bytes[position] = byte;
+                let folded = fold_case_word(u64::from_le_bytes(bytes));
+                let expected = bytes.map(fold_case);
+                assert_eq!(
+                    folded.to_le_bytes(),
+                    expected,
+                    "byte {byte:#x} at {position}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn label_hashes_differ_by_length_and_content_not_case() {
+        assert_eq!(label_hash(b"Frontend"), label_hash(b"frontend"));
+        assert_ne!(label_hash(b"frontend"), label_hash(b"frontenD1"));
+        assert_ne!(label_hash(b"a"), label_hash(b"a\0"));
+        assert_ne!(label_hash(b"abcdefgh"), label_hash(b"abcdefgh\0"));
+        assert_ne!(name_hash("a.b"), name_hash("b.a"));
+        let long = [b'x'; 63];
+        assert_ne!(label_hash(&long), label_hash(&long[..62]));
+    }
+
+    #[test]
+    fn wire_labels_reads_wire_names_and_refuses_anything_else() {
+        let wire = b"\x03api\x08frontend\x08internal\x00";
+        let found: Vec<&[u8]> = wire_labels(wire).unwrap().collect();
+        assert_eq!(found, [&b"api"[..], b"frontend", b"internal"]);
+        assert_eq!(wire_labels(b"\x00").unwrap().count(), 0);
+        assert!(wire_labels(b"\x03api").is_none(), "no root label");
+        assert!(wire_labels(b"\xc0\x0c").is_none(), "compression pointer");
+        assert!(wire_labels(b"\x40aaaa").is_none(), "label over 63");
     }
 }

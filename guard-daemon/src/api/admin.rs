@@ -115,7 +115,7 @@ fn status_text(status: &Status) -> String {
             binding.counters.inspected,
             binding.counters.blocked,
             binding.counters.audited,
-            binding.counters.malformed,
+            binding.counters.unreadable,
             binding.events_lost
         );
     }
@@ -123,7 +123,7 @@ fn status_text(status: &Status) -> String {
     let _ = writeln!(
         out,
         "totals: inspected {}, blocked {}, audited {}, unreadable {}, unbound {}, events lost {}; {} rules loaded",
-        t.inspected, t.blocked, t.audited, t.malformed, t.unbound, status.events_lost, status.rules_loaded
+        t.inspected, t.blocked, t.audited, t.unreadable, t.unbound, status.events_lost, status.rules_loaded
     );
     out
 }

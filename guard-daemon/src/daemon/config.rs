@@ -125,15 +125,28 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let file: ConfigFile =
-            serde_yaml::from_str(&text).map_err(|error| PolicyError::Syntax {
-                path: path.to_owned(),
-                line: error.location().map(|l| l.line()),
-                message: strip_location(&error.to_string()),
-            })?;
+        Config::parse(path, &text)
+    }
+
+    /// The configuration at `path` or, when there is no file there, the
+    /// defaults: no bindings (the daemon then only hosts `guard run`s).
+    /// Used at start and by `--uninstall`; a reload still requires the file.
+    pub fn load_or_default(path: &Path) -> Result<Config, PolicyError> {
+        match fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::parse(path, "{}"),
+            _ => Config::load(path),
+        }
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
+        let file: ConfigFile = serde_yaml::from_str(text).map_err(|error| PolicyError::Syntax {
+            path: path.to_owned(),
+            line: error.location().map(|l| l.line()),
+            message: strip_location(&error.to_string()),
+        })?;
         let invalid = |needle: &str, message: String| PolicyError::Invalid {
             path: path.to_owned(),
-            line: line_of(&text, needle),
+            line: line_of(text, needle),
             message,
         };
         let base = path.parent().unwrap_or(Path::new("/"));
@@ -142,7 +155,12 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("policies")),
         );
-        let policies = load_policy_dir(&policies_dir)?;
+        // Policies serve bindings only: without either there is nothing to load.
+        let policies = if file.bindings.is_empty() && !policies_dir.exists() {
+            BTreeMap::new()
+        } else {
+            load_policy_dir(&policies_dir)?
+        };
 
         let mut bindings = Vec::new();
         for (index, binding) in file.bindings.iter().enumerate() {
@@ -436,6 +454,36 @@ mod tests {
         let (_dir, path) = setup("bindings:\n  - unit: deploy-agent\n    policies: [frontend]\n");
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains("not a unit name"), "{message}");
+    }
+
+    #[test]
+    fn no_file_means_the_defaults_and_no_bindings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.yaml");
+        let config = Config::load_or_default(&path).unwrap();
+        assert!(config.bindings.is_empty());
+        assert_eq!(config.path, path);
+        assert_eq!(config.socket, PathBuf::from(crate::api::DEFAULT_SOCKET));
+        assert_eq!(config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(config.dns_ports, [53]);
+        // A reload, by contrast, needs the file.
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("daemon.yaml"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_policies_dir_matters_only_to_bindings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "daemon.yaml", "bindings: []\n");
+        assert!(Config::load(&path).unwrap().bindings.is_empty());
+
+        write(
+            dir.path(),
+            "daemon.yaml",
+            "bindings:\n  - unit: deploy-agent.service\n    policies: [frontend]\n",
+        );
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("policies: cannot read"), "{message}");
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub(super) fn collect_garbage(
 /// `guard daemon --uninstall`: removes everything the daemon pinned and the
 /// runs cgroup. Refused while a daemon answers on the socket.
 pub fn uninstall(config_path: &Path) -> i32 {
-    let config = match Config::load(config_path) {
+    let config = match Config::load_or_default(config_path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("guard daemon: {e}");

@@ -75,7 +75,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         (
             "guard_dns_queries_unreadable_total",
             "DNS queries whose question could not be read (refused in enforce mode).",
-            |c| c.0.malformed,
+            |c| c.0.unreadable,
         ),
         (
             "guard_events_lost_total",

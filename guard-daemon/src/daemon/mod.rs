@@ -74,7 +74,13 @@ pub struct DaemonOptions {
 
 /// `guard daemon`: returns the process exit status.
 pub fn main(options: DaemonOptions) -> i32 {
-    let config = match Config::load(&options.config) {
+    if !options.config.exists() {
+        tracing::warn!(
+            config = %options.config.display(),
+            "no configuration file: starting with the defaults and no bindings"
+        );
+    }
+    let config = match Config::load_or_default(&options.config) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("guard daemon: {e}");

@@ -14,7 +14,7 @@ use crate::{
     api::{Frame, Reply},
     kernel::{
         evidence::{kill_task, Evidence},
-        records::{decode, DnsQuery, Record, Transport},
+        records::{decode, DnsQuery, Record},
         sockdiag,
     },
     policy::Mode,
@@ -176,13 +176,7 @@ impl Records {
         // cgroups the daemon does, so the asker fails at once instead of
         // waiting for its timeout.
         if query.verdict.dropped() && info.is_some_and(|i| i.kind != "run") {
-            let protocol = match query.transport {
-                Transport::Tcp => sockdiag::Protocol::Tcp,
-                Transport::Udp => sockdiag::Protocol::Udp,
-            };
-            if let Err(e) =
-                sockdiag::destroy(protocol, query.source, query.resolver, query.socket_cookie)
-            {
+            if let Err(e) = sockdiag::end_socket_of(query) {
                 tracing::debug!(error = %e, "could not end a blocked query's socket");
             }
         }
@@ -212,7 +206,7 @@ fn log(record: &EventRecord, kind: &str, label: &str, target: &str) {
     let chain = record.chain_text();
     match record.verdict.as_str() {
         "allowed" => {}
-        "blocked" | "unreadable" => tracing::warn!(
+        "blocked" | "unreadable-blocked" => tracing::warn!(
             target: "guard::blocked",
             verdict = %record.verdict,
             name = %record.name,

@@ -1,8 +1,6 @@
 //! Answers about the daemon's state: `guard status` and the metrics.
 //! Read-only: nothing here changes the kernel or the daemon.
-use guard_common::maps::{
-    Counter, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK,
-};
+use guard_common::maps::{Counter, PROGRAM_DNS_EGRESS};
 
 use super::{metrics, Daemon};
 use crate::{
@@ -63,18 +61,7 @@ impl Daemon {
             attached_to: format!("{} cgroup(s)", self.kernel.attached_cgroups().len()),
             verified_instructions: self.kernel.egress_instructions(),
         }];
-        for (name, event) in [
-            (PROGRAM_EXEC_ENTER, "syscalls/sys_enter_execve"),
-            (PROGRAM_EXEC_EXIT, "syscalls/sys_exit_execve"),
-            (PROGRAM_FORK, "sched/sched_process_fork"),
-        ] {
-            programs.push(ProgramStatus {
-                name: name.into(),
-                attached_to: format!("tracepoint {event}"),
-                verified_instructions: None,
-            });
-        }
-        for (name, category, event) in guard_common::evidence::ESCAPE_TRACEPOINTS {
+        for (name, category, event) in crate::kernel::programs::tracepoints() {
             programs.push(ProgramStatus {
                 name: name.into(),
                 attached_to: format!("tracepoint {category}/{event}"),
@@ -103,13 +90,7 @@ impl Daemon {
             runs_cgroup: self.tree.runs_root.clone(),
             programs,
             bindings,
-            totals: Counters {
-                inspected: global(Counter::Inspected),
-                blocked: global(Counter::Blocked),
-                audited: global(Counter::Audited),
-                malformed: global(Counter::Malformed),
-                unbound: global(Counter::Unbound),
-            },
+            totals: Counters::read(global),
             events_lost: global(Counter::EventsLost),
             rules_loaded: self.kernel.rule_count().unwrap_or(0),
         }

@@ -19,7 +19,9 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
 pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+pub const BPF_CGROUP_INET_INGRESS: u32 = 0;
 pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_UNIX_CONNECT: u32 = 49;
 pub const BPF_CGROUP_UNIX_SENDMSG: u32 = 50;
 

@@ -178,6 +178,8 @@ impl Attachments {
 fn attach_name(attach_type: u32) -> &'static str {
     match attach_type {
         bpfsys::BPF_CGROUP_INET_EGRESS => "the DNS egress program",
+        bpfsys::BPF_CGROUP_INET_INGRESS => "the DNS ingress program",
+        bpfsys::BPF_CGROUP_SOCK_OPS => "the DNS sock_ops program",
         bpfsys::BPF_CGROUP_UNIX_CONNECT => "the Unix connect program",
         bpfsys::BPF_CGROUP_UNIX_SENDMSG => "the Unix sendmsg program",
         _ => "a guard program",

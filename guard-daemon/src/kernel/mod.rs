@@ -1,7 +1,9 @@
 //! Everything that talks to the kernel: loading and attaching the programs
-//! ([`programs`], [`pinned`]), their maps ([`maps`]), the records they send
-//! ([`records`]), ending sockets ([`sockdiag`]), cgroups ([`cgroup`]) and the
-//! pseudo-filesystems all of it lives on ([`kernelfs`]).
+//! ([`programs`], [`hooks`], [`unixhooks`], [`pinned`]), their maps
+//! ([`maps`], [`evidence`]), the records they send ([`records`]), ending
+//! sockets ([`sockdiag`]), cgroups ([`cgroup`]), the pseudo-filesystems all
+//! of it lives on ([`kernelfs`]), and what aya 0.14 does not offer: a few
+//! raw `bpf()` commands ([`bpfsys`]) and struct offsets from BTF ([`btf`]).
 //!
 //! This is the lowest layer: it knows the kernel object's contract
 //! (`guard_common`) and nothing of policies files, runs, reports or the
@@ -10,6 +12,7 @@ pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;
 pub mod evidence;
+pub mod hooks;
 pub mod kernelfs;
 pub mod maps;
 pub mod pinned;

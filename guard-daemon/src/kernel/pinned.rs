@@ -7,23 +7,21 @@ use std::{
 
 use aya::{
     maps::{Map, MapData, RingBuf},
-    programs::{
-        links::{FdLink, PinnedLink},
-        CgroupSkb, CgroupSkbAttachType,
-    },
+    programs::{links::PinnedLink, CgroupSkb, CgroupSkbAttachType, Program, SockOps},
 };
 use guard_common::{
     evidence::{EVIDENCE_COUNTERS, EVIDENCE_SETTINGS, TRACKED, UNIX_SOCKETS},
-    maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, PROGRAM_DNS_EGRESS, RULES, SEEN},
+    maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, RULES, SEEN},
 };
 
 use super::{
-    bpfsys::{self, BPF_CGROUP_INET_EGRESS},
+    bpfsys,
     evidence::Attachments,
+    hooks::{attached_ids, CgroupHook},
     kernelfs::mount_kernel_fs,
     maps::KernelMaps,
-    programs::{attach_egress, egress_stats, generation, LoadOptions, Programs},
-    unixhooks::UnixHooks,
+    programs::{egress_stats, generation, LoadOptions, Programs},
+    unixhooks::{UnixHooks, UNIX_HOOKS},
 };
 use crate::error::{Error, Result};
 
@@ -42,11 +40,9 @@ pub(super) const PINNED_MAPS: [&str; 10] = [
     UNIX_SOCKETS,
 ];
 
-/// Prefix of the pin of a cgroup's program link; the cgroup id follows.
+/// Prefix of the pins of a cgroup's program links:
+/// `link_cgroup_<cgroup id>_<hook>`.
 const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
-/// Prefix of the pins of a cgroup's Unix-socket hook links:
-/// `link_unix_<cgroup id>_<program>`.
-const UNIX_LINK_PREFIX: &str = "link_unix_";
 
 /// The daemon's copy of the object, pinned in `<root>/<generation>/`. The
 /// generation names the object and its load options, so a daemon adopts
@@ -55,7 +51,8 @@ const UNIX_LINK_PREFIX: &str = "link_unix_";
 pub struct Pinned {
     dir: PathBuf,
     maps: std::collections::HashMap<&'static str, Map>,
-    egress: CgroupSkb,
+    /// The cgroup programs, in [`CgroupHook::ALL`] order.
+    hooks: Vec<(CgroupHook, Program)>,
     /// None when the generation was loaded on a kernel without them.
     unix: Option<UnixHooks>,
 }
@@ -103,18 +100,26 @@ impl Pinned {
             let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
             maps.insert(name, map);
         }
-        let egress = CgroupSkb::from_pin(
-            dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")),
-            CgroupSkbAttachType::Egress,
-        )
-        .map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
+        let mut hooks = Vec::new();
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let path = dir.join(format!("prog_{name}"));
+            let error = |source| Error::Program { name, source };
+            let program = match hook {
+                CgroupHook::Egress => Program::CgroupSkb(
+                    CgroupSkb::from_pin(&path, CgroupSkbAttachType::Egress).map_err(error)?,
+                ),
+                CgroupHook::Ingress => Program::CgroupSkb(
+                    CgroupSkb::from_pin(&path, CgroupSkbAttachType::Ingress).map_err(error)?,
+                ),
+                CgroupHook::SockOps => Program::SockOps(SockOps::from_pin(&path).map_err(error)?),
+            };
+            hooks.push((hook, program));
+        }
         Ok(Pinned {
             dir: dir.to_owned(),
             maps,
-            egress,
+            hooks,
             unix: UnixHooks::from_pins(dir),
         })
     }
@@ -139,40 +144,71 @@ impl Pinned {
         })
     }
 
-    /// Attaches the DNS program to a cgroup with a pinned link, unless one
-    /// is pinned for it already.
+    /// Where the link of a cgroup's hook (`egress`, `unix_connect`, ...) is
+    /// pinned.
+    fn link_path(&self, cgroup_id: u64, hook: &str) -> PathBuf {
+        self.dir
+            .join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}_{hook}"))
+    }
+
+    /// Attaches the DNS programs and the Unix-socket hooks to a cgroup with
+    /// pinned links, unless they are pinned for it already. On failure none
+    /// stays attached.
     pub fn attach_cgroup(&mut self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
-        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
-        if path.exists() {
-            return Ok(());
+        let mut made: Vec<PathBuf> = Vec::new();
+        let attached = self
+            .attach_dns_hooks(cgroup, cgroup_id, &mut made)
+            .and_then(|()| self.attach_unix_hooks(cgroup, cgroup_id, &mut made));
+        if attached.is_err() {
+            for path in made {
+                unpin(&path);
+            }
         }
-        let id = attach_egress(&mut self.egress, cgroup)?;
-        let link = self.egress.take_link(id).map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
-        let link = FdLink::try_from(link)
-            .map_err(|e| Error::Pin(PROGRAM_DNS_EGRESS.into(), e.to_string()))?;
-        link.pin(&path)
-            .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
-        self.attach_unix_hooks(cgroup, cgroup_id)
+        attached
+    }
+
+    fn attach_dns_hooks(
+        &mut self,
+        cgroup: &fs::File,
+        cgroup_id: u64,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        for index in 0..self.hooks.len() {
+            let hook = self.hooks[index].0;
+            let path = self.link_path(cgroup_id, hook.link_suffix());
+            if path.exists() {
+                continue;
+            }
+            let link = hook.attach(&mut self.hooks[index].1, cgroup)?;
+            link.pin(&path)
+                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+            made.push(path);
+        }
+        Ok(())
     }
 
     /// Links the Unix-socket hooks to a cgroup with pinned links.
-    fn attach_unix_hooks(&self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
+    fn attach_unix_hooks(
+        &self,
+        cgroup: &fs::File,
+        cgroup_id: u64,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<()> {
         use std::os::fd::AsFd as _;
         let Some(unix) = &self.unix else {
             return Ok(());
         };
-        let links = unix
-            .attach(cgroup.as_fd())
-            .map_err(Error::io("attaching the Unix-socket hooks"))?;
-        for (name, link) in links {
-            let path = self
-                .dir
-                .join(format!("{UNIX_LINK_PREFIX}{cgroup_id}_{name}"));
+        for (name, _) in UNIX_HOOKS {
+            let path = self.link_path(cgroup_id, name);
+            if path.exists() {
+                continue;
+            }
+            let link = unix
+                .attach_one(name, cgroup.as_fd())
+                .map_err(Error::io(format!("attaching {name}")))?;
             bpfsys::pin(link.as_fd(), &path)
                 .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+            made.push(path);
         }
         Ok(())
     }
@@ -186,28 +222,19 @@ impl Pinned {
     /// notice later if they are detached or replaced.
     pub fn attachments(&self, cgroup: &fs::File) -> Attachments {
         use std::os::fd::AsFd as _;
-        let mut programs = Vec::new();
-        if let Ok(info) = self.egress.info() {
-            programs.push((BPF_CGROUP_INET_EGRESS, info.id()));
-        }
+        let mut programs = attached_ids(self.hooks.iter().map(|(hook, program)| (*hook, program)));
         if let Some(unix) = &self.unix {
             programs.extend(unix.ids());
         }
         Attachments::record(cgroup.as_fd(), &programs)
     }
 
-    /// Detaches the DNS program from a cgroup (removing the pin is the
-    /// detach: nothing else holds the link).
+    /// Detaches guard's programs from a cgroup (removing the pins is the
+    /// detach: nothing else holds the links).
     pub fn detach_cgroup(&self, cgroup_id: u64) {
-        let path = self.dir.join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}"));
-        if let Ok(link) = PinnedLink::from_pin(&path) {
-            let _ = link.unpin();
-        }
-        for (name, _) in super::unixhooks::UNIX_HOOKS {
-            let _ = fs::remove_file(
-                self.dir
-                    .join(format!("{UNIX_LINK_PREFIX}{cgroup_id}_{name}")),
-            );
+        let hooks = CgroupHook::ALL.map(CgroupHook::link_suffix);
+        for hook in hooks.into_iter().chain(UNIX_HOOKS.map(|(name, _)| name)) {
+            unpin(&self.link_path(cgroup_id, hook));
         }
     }
 
@@ -216,28 +243,46 @@ impl Pinned {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        entries
+        let mut ids: Vec<u64> = entries
             .flatten()
             .filter_map(|e| {
                 e.file_name()
                     .to_str()?
                     .strip_prefix(CGROUP_LINK_PREFIX)?
+                    .split('_')
+                    .next()?
                     .parse()
                     .ok()
             })
-            .collect()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    fn egress(&self) -> Option<&CgroupSkb> {
+        match &self.hooks.first()?.1 {
+            Program::CgroupSkb(egress) => Some(egress),
+            _ => None,
+        }
     }
 
     pub fn egress_stats(&self) -> Option<(u64, u64)> {
-        egress_stats(&self.egress)
+        egress_stats(self.egress()?)
     }
 
-    /// Verified instructions of the DNS program.
+    /// Verified instructions of the DNS egress program.
     pub fn egress_instructions(&self) -> Option<u32> {
-        self.egress
+        self.egress()?
             .info()
             .ok()
             .and_then(|i| i.verified_instruction_count())
+    }
+}
+
+fn unpin(path: &Path) {
+    if let Ok(link) = PinnedLink::from_pin(path) {
+        let _ = link.unpin();
     }
 }
 

@@ -1,16 +1,14 @@
 //! The kernel object and the programs of a standalone `guard run`: loaded,
 //! verified and attached for one run, gone with guard's descriptors.
 use std::{
+    any::Any,
     os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
 use aya::{
     maps::{Map, MapData, RingBuf},
-    programs::{
-        cgroup_skb::CgroupSkbLinkId, links::FdLink, trace_point::TracePointLinkId,
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint,
-    },
+    programs::{links::FdLink, trace_point::TracePointLinkId, CgroupSkb, TracePoint},
     Ebpf, EbpfLoader,
 };
 use guard_common::evidence::{
@@ -19,11 +17,11 @@ use guard_common::evidence::{
 use guard_common::maps::{
     BINDINGS, EVENTS, GLOBAL_DNS_PORTS, GLOBAL_FORK_CHILD_PID_OFFSET, MAX_DNS_PORTS,
     POLICY_COUNTERS, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK,
-    RULES, SEEN,
+    RULES, SCRATCH, SEEN,
 };
 
 use super::{
-    bpfsys::BPF_CGROUP_INET_EGRESS,
+    hooks::{attach_streams, attached_ids, load_programs, CgroupHook},
     kernelfs::{ensure_tracefs, fork_child_pid_offset},
     maps::KernelMaps,
     pinned::PINNED_MAPS,
@@ -45,11 +43,27 @@ pub struct LoadOptions<'a> {
     pub policy_capacity: u32,
 }
 
+/// The process trackers: (program, tracepoint category, event).
+pub const PROCESS_TRACEPOINTS: [(&str, &str, &str); 3] = [
+    (PROGRAM_EXEC_ENTER, "syscalls", "sys_enter_execve"),
+    (PROGRAM_EXEC_EXIT, "syscalls", "sys_exit_execve"),
+    (PROGRAM_FORK, "sched", "sched_process_fork"),
+];
+
+/// Every tracepoint program: the process trackers, then the escape
+/// tracepoints.
+pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    PROCESS_TRACEPOINTS.into_iter().chain(ESCAPE_TRACEPOINTS)
+}
+
 /// Loaded, verified programs and their maps. Dropping it detaches and
 /// unloads everything (nothing is pinned).
 pub struct Programs {
     ebpf: Ebpf,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    cgroup_links: Vec<FdLink>,
+    /// The stream programs' attachments to the sockhash.
+    stream_attachments: Vec<Box<dyn Any>>,
     /// The Unix-socket hooks, or why this kernel has none.
     unix: std::result::Result<UnixHooks, String>,
     /// Links of the Unix-socket hooks to cgroups (detached on drop).
@@ -70,6 +84,7 @@ impl Programs {
         let t = std::time::Instant::now();
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset()?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u32;
         let unix_offsets = sock_addr_offsets();
         // Defaults for the layout of 6.7+; unused when the hooks are absent.
         let (uaddr, uaddrlen) = unix_offsets.clone().unwrap_or((8, 32));
@@ -83,52 +98,29 @@ impl Programs {
             .map_max_entries(SEEN, options.record_capacity.max(1))
             .map_max_entries(POLICY_COUNTERS, options.policy_capacity.max(1))
             .map_max_entries(BINDINGS, options.policy_capacity.max(1))
+            // Two working-memory slots per CPU (see the kernel's maps.rs).
+            .map_max_entries(SCRATCH, cpus * 2)
             .load(OBJECT)?;
         tracing::debug!(elapsed = ?t.elapsed(), "object loaded (maps created)");
-        let egress: &mut CgroupSkb = program(&mut ebpf, PROGRAM_DNS_EGRESS)?;
-        egress.load().map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })?;
-        tracing::debug!(elapsed = ?t.elapsed(), insns = ?egress.info().ok().and_then(|i| i.verified_instruction_count()), "dns_egress verified");
-        for name in [PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK] {
-            let tracepoint: &mut TracePoint = program(&mut ebpf, name)?;
-            tracepoint
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-        }
-        for (name, _, _) in ESCAPE_TRACEPOINTS {
-            let tracepoint: &mut TracePoint = program(&mut ebpf, name)?;
-            tracepoint
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-        }
-        tracing::debug!(elapsed = ?t.elapsed(), "escape tracepoints verified");
+        load_programs(&mut ebpf)?;
+        tracing::debug!(elapsed = ?t.elapsed(), "programs verified");
         let unix = unix_offsets.and_then(|_| UnixHooks::load(&ebpf, OBJECT));
-        tracing::debug!(elapsed = ?t.elapsed(), unix_hooks = unix.is_ok(), "evidence programs verified");
+        tracing::debug!(elapsed = ?t.elapsed(), unix_hooks = unix.is_ok(), "Unix-socket hooks verified");
+        let stream_attachments = attach_streams(&mut ebpf)?;
         Ok(Programs {
             ebpf,
             tracepoint_links: Vec::new(),
+            cgroup_links: Vec::new(),
+            stream_attachments,
             unix,
             unix_links: Vec::new(),
         })
     }
 
-    /// Attaches the process trackers. They fire host-wide but return at once
-    /// for processes outside guarded cgroups.
+    /// Attaches the process trackers and the escape tracepoints. They fire
+    /// host-wide but return at once for processes outside guarded cgroups.
     pub fn attach_tracepoints(&mut self) -> Result<()> {
-        for (name, category, event) in [
-            (PROGRAM_EXEC_ENTER, "syscalls", "sys_enter_execve"),
-            (PROGRAM_EXEC_EXIT, "syscalls", "sys_exit_execve"),
-            (PROGRAM_FORK, "sched", "sched_process_fork"),
-        ] {
-            let tracepoint: &mut TracePoint = program(&mut self.ebpf, name)?;
-            let link = tracepoint
-                .attach(category, event)
-                .map_err(|source| Error::Program { name, source })?;
-            self.tracepoint_links.push((name, link));
-        }
-        for (name, category, event) in ESCAPE_TRACEPOINTS {
+        for (name, category, event) in tracepoints() {
             let tracepoint: &mut TracePoint = program(&mut self.ebpf, name)?;
             let link = tracepoint
                 .attach(category, event)
@@ -138,10 +130,15 @@ impl Programs {
         Ok(())
     }
 
-    /// Attaches the DNS egress program to a cgroup (a bpf_link: it goes away
-    /// with this process unless pinned).
+    /// Attaches the DNS programs to a cgroup (bpf_links: they go away with
+    /// this process unless pinned).
     pub fn attach_cgroup(&mut self, cgroup: impl AsFd) -> Result<()> {
-        attach_egress(program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?, cgroup.as_fd())?;
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let program = self.ebpf.program_mut(name).ok_or(Error::Missing(name))?;
+            self.cgroup_links
+                .push(hook.attach(program, cgroup.as_fd())?);
+        }
         if let Ok(unix) = &self.unix {
             let links = unix
                 .attach(cgroup.as_fd())
@@ -160,14 +157,11 @@ impl Programs {
     /// (attach type, program id) of the programs [`Programs::attach_cgroup`]
     /// attaches, to check later that they still are.
     pub fn cgroup_programs(&self) -> Vec<(u32, u32)> {
-        let mut ids = Vec::new();
-        if let Some(aya::programs::Program::CgroupSkb(egress)) =
-            self.ebpf.program(PROGRAM_DNS_EGRESS)
-        {
-            if let Ok(info) = egress.info() {
-                ids.push((BPF_CGROUP_INET_EGRESS, info.id()));
-            }
-        }
+        let mut ids = attached_ids(
+            CgroupHook::ALL
+                .into_iter()
+                .filter_map(|hook| Some((hook, self.ebpf.program(hook.program())?))),
+        );
         if let Ok(unix) = &self.unix {
             ids.extend(unix.ids());
         }
@@ -205,13 +199,23 @@ impl Programs {
             link.pin(dir.join(format!("link_{name}")))
                 .map_err(pin_error(name.into()))?;
         }
-        let egress: &mut CgroupSkb = program(&mut self.ebpf, PROGRAM_DNS_EGRESS)?;
-        egress
-            .pin(dir.join(format!("prog_{PROGRAM_DNS_EGRESS}")))
-            .map_err(pin_error(PROGRAM_DNS_EGRESS.into()))?;
+        for hook in CgroupHook::ALL {
+            let name = hook.program();
+            let program = self.ebpf.program_mut(name).ok_or(Error::Missing(name))?;
+            program
+                .pin(dir.join(format!("prog_{name}")))
+                .map_err(pin_error(name.into()))?;
+        }
         if let Ok(unix) = &self.unix {
             unix.pin_into(dir)
                 .map_err(|e| Error::Pin("the Unix-socket hooks".into(), e.to_string()))?;
+        }
+        // The stream programs stay attached to the sockhash for as long as
+        // it lives (the pinned sock_ops program holds it): forgetting the
+        // attachments keeps them from being detached when this process
+        // drops them.
+        for attachment in std::mem::take(&mut self.stream_attachments) {
+            std::mem::forget(attachment);
         }
         for name in PINNED_MAPS {
             let map = self.ebpf.map(name).ok_or(Error::Missing(name))?;
@@ -230,22 +234,6 @@ impl KernelMaps for Programs {
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
         self.ebpf.map_mut(name).ok_or(Error::Missing(name))
     }
-}
-
-/// Attaches the DNS program to a cgroup's egress (a bpf_link). aya 0.14
-/// uses bpf_link_create on >= 5.7, where only Single is accepted; links
-/// still allow other programs below and beside.
-pub(super) fn attach_egress(egress: &mut CgroupSkb, cgroup: impl AsFd) -> Result<CgroupSkbLinkId> {
-    egress
-        .attach(
-            cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )
-        .map_err(|source| Error::Program {
-            name: PROGRAM_DNS_EGRESS,
-            source,
-        })
 }
 
 /// Runs and total run time of the DNS egress program, as the kernel

@@ -1,11 +1,19 @@
 //! Decoding the kernel's ring-buffer records into owned Rust values.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use guard_common::event::{
-    DnsEvent, EventKind, EvidenceEvent, ExecEvent, ExecResultEvent, ForkEvent, Verdict,
-    FAMILY_IPV4, TRANSPORT_TCP,
+use guard_common::{
+    event::{
+        DnsEvent, EventKind, EvidenceEvent, ExecEvent, ExecResultEvent, ForkEvent, Unreadable,
+        Verdict, DIRECTION_ANSWER, FAMILY_IPV4, SECTION_ADDITIONAL, SECTION_ANSWER,
+        SECTION_AUTHORITY, TRANSPORT_TCP,
+    },
+    matching::wire_labels,
 };
-use hickory_proto::rr::RecordType;
+use hickory_proto::{
+    op::Message,
+    rr::{Name, RData, RecordType},
+    serialize::binary::BinDecodable,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -24,15 +32,49 @@ impl std::fmt::Display for Transport {
     }
 }
 
-/// A DNS query the kernel reported (blocked, audited or unreadable).
+/// Which way the reported message went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A query the cgroup sent: its question was decided.
+    Query,
+    /// An answer the cgroup received: the names it would have the client
+    /// use were decided.
+    Answer,
+}
+
+/// A name found in a refused answer, and the record that carried it.
+#[derive(Clone, Debug)]
+pub struct MatchedName {
+    pub labels: Vec<Vec<u8>>,
+    pub name: String,
+    /// The record's type (CNAME, SRV, A for an owner, ...).
+    pub record_type: String,
+    /// "answer" or "additional".
+    pub section: &'static str,
+}
+
+/// A DNS message the kernel reported (blocked, audited, unreadable, or in
+/// record mode a first sighting).
 #[derive(Clone, Debug)]
 pub struct DnsQuery {
     pub verdict: Verdict,
-    /// Dotted, lower case, no trailing dot; `""` for the root or when the
-    /// question was unreadable. Bytes outside printable ASCII are escaped.
+    pub direction: Direction,
+    /// Why the message was unreadable, when it was.
+    pub reason: Option<Unreadable>,
+    /// The question's labels, as sent (letter case untouched).
+    pub labels: Vec<Vec<u8>>,
+    /// The question for people: lower case, no trailing dot, labels joined
+    /// with `.` ([`display_name`]); `""` for the root or when unreadable.
     pub name: String,
     pub qtype: u16,
+    /// Answers: the refused name found in it.
+    pub matched: Option<MatchedName>,
+    /// Answers: the names from the question to the refused one, following
+    /// the answer's aliases (`db-lb.internal → frontend.internal`).
+    pub alias_chain: Vec<String>,
     pub transport: Transport,
+    /// The asker's address, and the resolver's.
     pub source: SocketAddr,
     pub resolver: SocketAddr,
     pub pid: u32,
@@ -42,8 +84,17 @@ pub struct DnsQuery {
     pub policy_id: u32,
     pub cgroup_id: u64,
     pub socket_cookie: u64,
-    pub tcp_seq: u32,
     pub boot_ns: u64,
+}
+
+/// A record type's mnemonic; types hickory does not name are written as
+/// RFC 3597 has them (`TYPE65280`), but DNAME, which guard follows.
+pub fn record_type_name(code: u16) -> String {
+    match RecordType::from(code) {
+        RecordType::Unknown(39) => "DNAME".into(),
+        RecordType::Unknown(other) => format!("TYPE{other}"),
+        known => known.to_string(),
+    }
 }
 
 impl DnsQuery {
@@ -51,13 +102,41 @@ impl DnsQuery {
         if self.qtype == 0 {
             return "?".into();
         }
-        RecordType::from(self.qtype).to_string()
+        record_type_name(self.qtype)
+    }
+
+    /// The labels the deciding rule matched: the refused name of an answer,
+    /// else the question.
+    pub fn decided_labels(&self) -> &[Vec<u8>] {
+        match &self.matched {
+            Some(matched) => &matched.labels,
+            None => &self.labels,
+        }
+    }
+}
+
+/// Words for an unreadable reason.
+pub fn reason_text(reason: Unreadable) -> &'static str {
+    match reason {
+        Unreadable::None => "unreadable",
+        Unreadable::Truncated => "truncated message",
+        Unreadable::QuestionCount => "not exactly one question",
+        Unreadable::CompressedQuestion => "compression pointer in the question",
+        Unreadable::BadLabel => "reserved label type",
+        Unreadable::NameTooLong => "name over 255 bytes",
+        Unreadable::BadPointer => "compression pointer that does not point back",
+        Unreadable::TooManyRecords => "more records than the kernel reads",
+        Unreadable::ExtensionHeaders => "more IPv6 extension headers than the kernel follows",
+        Unreadable::UrgentData => "TCP urgent data on a DNS connection",
+        Unreadable::UnfollowedStream => "TCP data the stream inspection does not follow",
+        Unreadable::TooManySegments => "UDP GSO send with too many datagrams",
+        Unreadable::Busy => "kernel working memory busy",
     }
 }
 
 #[derive(Clone, Debug)]
 pub enum Record {
-    Dns(DnsQuery),
+    Dns(Box<DnsQuery>),
     Exec {
         pid: u32,
         tid: u32,
@@ -107,7 +186,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
     match *bytes.first()? {
         k if k == EventKind::Dns as u8 => read_record::<DnsEvent>(bytes)
             .and_then(|e| decode_dns(&e))
-            .map(Record::Dns),
+            .map(|query| Record::Dns(Box::new(query))),
         k if k == EventKind::Exec as u8 => read_record::<ExecEvent>(bytes).map(|e| {
             let used = (e.args_len as usize).min(e.args.len());
             let args = e.args[..used]
@@ -142,29 +221,62 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
     }
 }
 
+/// The labels of a wire-format name the kernel reported (`len` bytes of
+/// `wire`); empty when there is none or it does not read.
+fn labels_of(wire: &[u8], len: u16) -> Vec<Vec<u8>> {
+    let used = (len as usize).min(wire.len());
+    wire_labels(&wire[..used])
+        .map(|labels| labels.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default()
+}
+
 fn decode_dns(e: &DnsEvent) -> Option<DnsQuery> {
     let verdict = Verdict::from_u8(e.verdict)?;
-    let len = (e.qname_len as usize).min(e.qname.len());
-    // Byte 0 is the dot that replaced the first length byte.
-    // DNS names are case-insensitive and the kernel leaves case as sent
-    // (resolvers randomise it): report lower case.
-    let name = if len > 1 {
-        escape_name(&e.qname[1..len].to_ascii_lowercase())
-    } else {
-        String::new()
-    };
+    let labels = labels_of(&e.qname, e.qname_len);
+    let name = display_name(&labels);
     let address = |raw: &[u8; 16], port: u16| {
         let ip = if e.family == FAMILY_IPV4 {
             IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
         } else {
-            IpAddr::V6(Ipv6Addr::from(*raw))
+            let v6 = Ipv6Addr::from(*raw);
+            // A dual-stack socket's IPv4 peer.
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
         };
         SocketAddr::new(ip, port)
     };
+    let direction = if e.direction == DIRECTION_ANSWER {
+        Direction::Answer
+    } else {
+        Direction::Query
+    };
+    let matched = (direction == Direction::Answer && e.matched_len > 0).then(|| {
+        let labels = labels_of(&e.matched, e.matched_len);
+        MatchedName {
+            name: display_name(&labels),
+            labels,
+            record_type: record_type_name(e.matched_type),
+            section: match e.matched_section {
+                SECTION_ANSWER => "answer",
+                SECTION_AUTHORITY => "authority",
+                SECTION_ADDITIONAL => "additional",
+                _ => "question",
+            },
+        }
+    });
+    let message = &e.message[..(e.message_len as usize).min(e.message.len())];
+    let alias_chain = match &matched {
+        Some(matched) => alias_chain(message, &name, &matched.name),
+        None => Vec::new(),
+    };
     Some(DnsQuery {
         verdict,
+        direction,
+        reason: (e.reason != 0).then(|| Unreadable::from_u8(e.reason)),
+        labels,
         name,
         qtype: e.qtype,
+        matched,
+        alias_chain,
         transport: if e.transport == TRANSPORT_TCP {
             Transport::Tcp
         } else {
@@ -179,9 +291,47 @@ fn decode_dns(e: &DnsEvent) -> Option<DnsQuery> {
         policy_id: e.policy_id,
         cgroup_id: e.cgroup_id,
         socket_cookie: e.socket_cookie,
-        tcp_seq: e.tcp_seq,
         boot_ns: e.boot_ns,
     })
+}
+
+/// The names from the question to the refused one: the question, then each
+/// alias (CNAME, DNAME) the answer follows from it, then the refused name
+/// (an SRV/MX/SVCB target, an additional owner). Read from the first bytes
+/// of the answer the kernel kept; when they do not parse, question and
+/// refused name alone.
+fn alias_chain(message: &[u8], question: &str, matched: &str) -> Vec<String> {
+    let mut chain = vec![question.to_owned()];
+    if let Ok(message) = Message::from_bytes(message) {
+        let mut current = question.to_owned();
+        for _ in 0..message.answers().len() {
+            let next = message.answers().iter().find_map(|record| {
+                let owner = name_text(record.name());
+                let target = match record.data() {
+                    RData::CNAME(cname) => name_text(&cname.0),
+                    RData::ANAME(aname) => name_text(&aname.0),
+                    _ => return None,
+                };
+                (owner == current && !chain.contains(&target)).then_some(target)
+            });
+            match next {
+                Some(next) => {
+                    chain.push(next.clone());
+                    current = next;
+                }
+                None => break,
+            }
+        }
+    }
+    if chain.last().map(String::as_str) != Some(matched) {
+        chain.push(matched.to_owned());
+    }
+    chain
+}
+
+fn name_text(name: &Name) -> String {
+    let labels: Vec<Vec<u8>> = name.iter().map(<[u8]>::to_vec).collect();
+    display_name(&labels)
 }
 
 pub(super) fn c_string(bytes: &[u8]) -> String {
@@ -189,23 +339,56 @@ pub(super) fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// Names are bytes on the wire; keep them printable and unambiguous.
-pub fn escape_name(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_graphic() && b != b'\\' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("\\x{b:02x}"));
+/// A name for people and reports: labels in lower case, joined with `.`.
+/// Bytes that are not printable ASCII are written `\xNN`; a `.` or `\`
+/// inside a label is escaped with `\`, so a label holding a dot never reads
+/// as two labels. [`parse_display_name`] reverses it.
+pub fn display_name(labels: &[Vec<u8>]) -> String {
+    let mut out = String::new();
+    for (i, label) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for &b in label {
+            let b = b.to_ascii_lowercase();
+            match b {
+                b'.' => out.push_str("\\."),
+                b'\\' => out.push_str("\\\\"),
+                b if b.is_ascii_graphic() => out.push(b as char),
+                b => out.push_str(&format!("\\x{b:02x}")),
+            }
         }
     }
     out
 }
 
+/// The labels of a name written by [`display_name`] (None if it is not one).
+pub fn parse_display_name(text: &str) -> Option<Vec<Vec<u8>>> {
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut labels = vec![Vec::new()];
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '.' => labels.push(Vec::new()),
+            '\\' => match chars.next()? {
+                'x' => {
+                    let hex: String = chars.by_ref().take(2).collect();
+                    labels.last_mut()?.push(u8::from_str_radix(&hex, 16).ok()?);
+                }
+                escaped => labels.last_mut()?.push(u8::try_from(escaped).ok()?),
+            },
+            c => labels.last_mut()?.push(u8::try_from(c).ok()?),
+        }
+    }
+    Some(labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guard_common::event::{NAME_CAP, TRANSPORT_UDP};
+    use guard_common::event::{MESSAGE_CAP, NAME_CAP, TRANSPORT_UDP};
 
     fn as_bytes<T>(value: &T) -> &[u8] {
         // SAFETY: reading the bytes of a repr(C) value for a test.
@@ -214,40 +397,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn decodes_a_dns_record() {
-        let mut qname = [0u8; NAME_CAP];
-        qname[..19].copy_from_slice(b".FrontEnd.internal\0");
-        let event = DnsEvent {
+    fn event(qname: &[u8]) -> DnsEvent {
+        let mut name = [0u8; NAME_CAP];
+        name[..qname.len()].copy_from_slice(qname);
+        DnsEvent {
             kind: EventKind::Dns as u8,
             verdict: Verdict::Blocked as u8,
             transport: TRANSPORT_UDP,
             family: FAMILY_IPV4,
+            direction: 1,
+            reason: 0,
             qtype: 28,
-            qname_len: 18,
             rule_id: 3,
             policy_id: 0,
             pid: 10,
             tid: 11,
             src_port: 5353,
             dst_port: 53,
-            tcp_seq: 0,
+            matched_type: 0,
+            matched_section: 0,
+            _pad: 0,
             cgroup_id: 7,
             socket_cookie: 9,
             boot_ns: 1,
             src_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             dst_addr: [127, 0, 0, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-            qname,
-        };
+            qname_len: qname.len() as u16,
+            matched_len: 0,
+            message_len: 0,
+            _pad2: 0,
+            qname: name,
+            matched: [0; NAME_CAP],
+            message: [0; MESSAGE_CAP],
+        }
+    }
+
+    #[test]
+    fn decodes_a_dns_record() {
+        let event = event(b"\x08FrontEnd\x08internal\x00");
         let Some(Record::Dns(q)) = decode(as_bytes(&event)) else {
             panic!("not decoded")
         };
         assert_eq!(q.name, "frontend.internal");
+        assert_eq!(q.labels, [b"FrontEnd".to_vec(), b"internal".to_vec()]);
         assert_eq!(q.qtype_name(), "AAAA");
+        assert_eq!(record_type_name(39), "DNAME");
+        assert_eq!(record_type_name(65280), "TYPE65280");
+        assert_eq!(record_type_name(5), "CNAME");
         assert_eq!(q.resolver, "127.0.0.53:53".parse().unwrap());
         assert_eq!(q.comm, "curl");
         assert_eq!(q.rule_id, Some(3));
+        assert_eq!(q.direction, Direction::Query);
         assert!(
             decode(&as_bytes(&event)[..100]).is_none(),
             "short records are refused"
@@ -255,7 +456,47 @@ mod tests {
     }
 
     #[test]
-    fn escapes_unprintable_name_bytes() {
-        assert_eq!(escape_name(b"a b.\x00x\\"), "a\\x20b.\\x00x\\x5c");
+    fn a_dot_inside_a_label_stays_distinct_and_round_trips() {
+        let event = event(b"\x03a.b\x08frontend\x08internal\x00");
+        let Some(Record::Dns(q)) = decode(as_bytes(&event)) else {
+            panic!("not decoded")
+        };
+        assert_eq!(q.name, "a\\.b.frontend.internal");
+        assert_eq!(parse_display_name(&q.name).unwrap(), q.labels);
+    }
+
+    #[test]
+    fn escapes_unprintable_label_bytes() {
+        let labels = vec![b"a b".to_vec(), b"\x00x\\".to_vec()];
+        let shown = display_name(&labels);
+        assert_eq!(shown, "a\\x20b.\\x00x\\\\");
+        assert_eq!(parse_display_name(&shown).unwrap(), labels);
+    }
+
+    #[test]
+    fn alias_chain_follows_cnames_to_the_refused_name() {
+        use hickory_proto::{
+            op::{Message, MessageType, Query},
+            rr::{rdata::CNAME, RData, Record},
+            serialize::binary::BinEncodable,
+        };
+        let mut message = Message::new();
+        message.set_message_type(MessageType::Response);
+        let q = Name::from_ascii("db-lb.internal.").unwrap();
+        let mid = Name::from_ascii("lb.internal.").unwrap();
+        let end = Name::from_ascii("frontend.internal.").unwrap();
+        message.add_query(Query::query(q.clone(), RecordType::A));
+        message.add_answer(Record::from_rdata(q, 60, RData::CNAME(CNAME(mid.clone()))));
+        message.add_answer(Record::from_rdata(mid, 60, RData::CNAME(CNAME(end))));
+        let bytes = message.to_bytes().unwrap();
+        assert_eq!(
+            alias_chain(&bytes, "db-lb.internal", "frontend.internal"),
+            ["db-lb.internal", "lb.internal", "frontend.internal"]
+        );
+        assert_eq!(
+            alias_chain(&bytes[..20], "db-lb.internal", "frontend.internal"),
+            ["db-lb.internal", "frontend.internal"],
+            "a cut message gives question and refused name"
+        );
     }
 }

@@ -10,13 +10,24 @@
 //! reply are woken with ECONNABORTED. The socket is named by its addresses
 //! and the cookie the kernel program reported, so no other socket is hit.
 //!
+//! A socket lives in the network namespace it was made in, and sock_diag
+//! only sees the namespace of the netlink socket that asks: the request is
+//! made from the asking process's namespace (entered on a short-lived thread,
+//! which leaves guard's own threads where they are).
+//!
 //! Hand-written rather than through a netlink crate: it is one fixed-size
 //! request, and the netlink crates reviewed do not build SOCK_DESTROY.
 use std::{
+    fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
 };
+
+use super::records::{DnsQuery, Transport};
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DESTROY: u16 = 21;
@@ -68,6 +79,42 @@ struct Request {
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+/// Ends the socket a reported query was sent on (or an answer arrived on),
+/// in the network namespace of the process that asked.
+pub fn end_socket_of(query: &DnsQuery) -> io::Result<()> {
+    let protocol = match query.transport {
+        Transport::Tcp => Protocol::Tcp,
+        Transport::Udp => Protocol::Udp,
+    };
+    let destroy_here = || destroy(protocol, query.source, query.resolver, query.socket_cookie);
+    let Some(namespace) = other_network_namespace(query.pid) else {
+        return destroy_here();
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                destroy_here()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
+}
+
+/// The network namespace of `pid` when it is not guard's own.
+fn other_network_namespace(pid: u32) -> Option<File> {
+    if pid == 0 {
+        return None;
+    }
+    let theirs = File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    let differs = theirs
+        .metadata()
+        .is_ok_and(|m| (m.dev(), m.ino()) != (ours.dev(), ours.ino()));
+    differs.then_some(theirs)
 }
 
 /// Destroys the socket `source -> destination` with this cookie. An IPv4

@@ -109,10 +109,18 @@ impl UnixHooks {
     pub fn attach(&self, cgroup: BorrowedFd<'_>) -> std::io::Result<Vec<(&'static str, OwnedFd)>> {
         self.programs
             .iter()
-            .map(|(name, attach_type, program)| {
-                bpfsys::link_cgroup(program.as_fd(), cgroup, *attach_type).map(|link| (*name, link))
-            })
+            .map(|(name, _, _)| self.attach_one(name, cgroup).map(|link| (*name, link)))
             .collect()
+    }
+
+    /// Links the program `name` (one of [`UNIX_HOOKS`]) to a cgroup.
+    pub fn attach_one(&self, name: &str, cgroup: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+        let (_, attach_type, program) =
+            self.programs
+                .iter()
+                .find(|(known, _, _)| *known == name)
+                .ok_or_else(|| std::io::Error::other(format!("no Unix-socket hook {name}")))?;
+        bpfsys::link_cgroup(program.as_fd(), cgroup, *attach_type)
     }
 
     /// (attach type, program id) of each program.
@@ -151,7 +159,10 @@ fn map_fd(map: &Map) -> Option<OwnedFd> {
         | Map::PerCpuArray(data)
         | Map::PerCpuHashMap(data)
         | Map::PerCpuLruHashMap(data)
-        | Map::RingBuf(data) => data,
+        | Map::RingBuf(data)
+        | Map::SockHash(data)
+        | Map::SockMap(data)
+        | Map::SkStorage(data) => data,
         _ => return None,
     };
     data.fd().as_fd().try_clone_to_owned().ok()

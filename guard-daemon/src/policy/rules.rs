@@ -115,13 +115,25 @@ impl RuleSet {
         &self.entries
     }
 
-    /// What the kernel should decide for `name`: the same walk it makes.
-    pub fn decide(&self, name: &str) -> Option<(&Rule, Action)> {
-        let slot = decide_masked(name.as_bytes(), self.label_mask, |hash| {
+    /// What the kernel should decide for a name given as its labels: the
+    /// same walk it makes.
+    pub fn decide_labels(&self, labels: &[Vec<u8>]) -> Option<(&Rule, Action)> {
+        let labels = labels.iter().map(Vec::as_slice);
+        let slot = decide_masked(labels, self.label_mask, |hash| {
             self.entries.get(&hash).copied()
         });
         let action = Action::from_u8(slot.action);
         (action != Action::None).then(|| (&self.rules[slot.rule_id as usize], action))
+    }
+
+    /// [`RuleSet::decide_labels`] for a dotted name whose labels hold no dot.
+    pub fn decide(&self, name: &str) -> Option<(&Rule, Action)> {
+        let labels: Vec<Vec<u8>> = if name.is_empty() {
+            Vec::new()
+        } else {
+            name.split('.').map(|l| l.as_bytes().to_vec()).collect()
+        };
+        self.decide_labels(&labels)
     }
 
     /// The label counts the rules' names have (see `label_bit`).

@@ -64,7 +64,11 @@ impl Inventory {
             });
             let count = if event.verdict == "allowed" {
                 let code = qtype_codes.get(&event.query_type).copied().unwrap_or(0);
-                let hash = guard_common::matching::name_hash(event.name.as_bytes());
+                let hash = crate::kernel::records::parse_display_name(&event.name)
+                    .map(|labels| {
+                        guard_common::matching::labels_hash(labels.iter().map(Vec::as_slice))
+                    })
+                    .unwrap_or_default();
                 // The kernel reported the first query and counted all of them;
                 // an LRU eviction can report a name again, so take the count once.
                 if entry.query_types.contains_key(&event.query_type) {
@@ -100,8 +104,8 @@ impl Inventory {
 
 fn severity(verdict: &str) -> u8 {
     match verdict {
-        "blocked" | "malformed-blocked" => 2,
-        "audited" | "malformed-audited" => 1,
+        "blocked" | "unreadable-blocked" | "malformed-blocked" => 2,
+        "audited" | "unreadable-audited" | "malformed-audited" => 1,
         _ => 0,
     }
 }
@@ -247,15 +251,6 @@ mod tests {
 
     fn event(name: &str, verdict: &str, qtype: &str) -> EventRecord {
         EventRecord {
-            time: "t".into(),
-            verdict: verdict.into(),
-            name: name.into(),
-            query_type: qtype.into(),
-            transport: crate::kernel::records::Transport::Udp,
-            resolver: "127.0.0.1:53".into(),
-            source: "127.0.0.1:1".into(),
-            pid: 1,
-            comm: "x".into(),
             process_chain: vec![ChainLink {
                 pid: 1,
                 argv: vec!["deploy.sh".into()],
@@ -267,7 +262,7 @@ mod tests {
                 policy: "p".into(),
                 origin: "p.yaml:3".into(),
             }),
-            socket_ended: None,
+            ..EventRecord::for_test(name, verdict, qtype)
         }
     }
 
@@ -282,7 +277,7 @@ mod tests {
             event("api.frontend.internal", "blocked", "A"),
         ];
         let codes = HashMap::from([("A".to_string(), 1u16), ("AAAA".to_string(), 28u16)]);
-        let hash = guard_common::matching::name_hash(b"db.internal");
+        let hash = guard_common::matching::name_hash("db.internal");
         let counts = HashMap::from([((hash, 1u16), 5u64), ((hash, 28u16), 2u64)]);
         let inventory = Inventory::build(
             vec!["deploy.sh".into()],

@@ -13,11 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use self::chains::ChainLink;
 use crate::{
-    kernel::records::{DnsQuery, Transport},
+    kernel::records::{reason_text, Direction, DnsQuery, Transport},
     policy::{Mode, Rule, RuleSet},
 };
 
-pub const SCHEMA: &str = "guard.report/1";
+pub const SCHEMA: &str = "guard.report/2";
+/// Reports of this older schema are still read (`guard report`).
+pub const SCHEMA_V1: &str = "guard.report/1";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RuleRef {
@@ -48,13 +50,30 @@ impl std::fmt::Display for RuleRef {
     }
 }
 
-/// One reported query, with attribution.
+/// One reported query or answer, with attribution.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventRecord {
     pub time: String,
     pub verdict: String,
+    /// `query` (the question was decided) or `answer` (the names an answer
+    /// would have the client use were decided).
+    #[serde(default = "query_direction")]
+    pub direction: Direction,
+    /// The question's name.
     pub name: String,
     pub query_type: String,
+    /// Answers: the refused name the answer led to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_name: Option<String>,
+    /// Answers: the type of the record that carried it (CNAME, SRV, A, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_type: Option<String>,
+    /// Answers: the names from the question to the refused one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alias_chain: Vec<String>,
+    /// Unreadable messages: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub transport: Transport,
     pub resolver: String,
     pub source: String,
@@ -68,12 +87,16 @@ pub struct EventRecord {
     pub socket_ended: Option<bool>,
 }
 
+fn query_direction() -> Direction {
+    Direction::Query
+}
+
 pub fn verdict_name(verdict: Verdict) -> &'static str {
     match verdict {
         Verdict::Blocked => "blocked",
         Verdict::Audited => "audited",
-        Verdict::MalformedBlocked => "malformed-blocked",
-        Verdict::MalformedAudited => "malformed-audited",
+        Verdict::UnreadableBlocked => "unreadable-blocked",
+        Verdict::UnreadableAudited => "unreadable-audited",
         Verdict::Allowed => "allowed",
     }
 }
@@ -88,8 +111,13 @@ impl EventRecord {
         EventRecord {
             time: clock.format(query.boot_ns),
             verdict: verdict_name(query.verdict).to_owned(),
+            direction: query.direction,
             name: query.name.clone(),
             query_type: query.qtype_name(),
+            matched_name: query.matched.as_ref().map(|m| m.name.clone()),
+            record_type: query.matched.as_ref().map(|m| m.record_type.clone()),
+            alias_chain: query.alias_chain.clone(),
+            reason: query.reason.map(|r| reason_text(r).to_owned()),
             transport: query.transport,
             resolver: query.resolver.to_string(),
             source: query.source.to_string(),
@@ -117,17 +145,33 @@ impl EventRecord {
 
     /// The live line printed when the event arrives.
     pub fn line(&self) -> String {
-        let what = match self.verdict.as_str() {
-            "blocked" => "blocked",
-            "audited" => "would block",
-            "malformed-blocked" => "blocked unreadable DNS query",
-            _ => "unreadable DNS query (let through)",
+        let answer = self.direction == Direction::Answer;
+        let what = match (self.verdict.as_str(), answer) {
+            ("blocked", false) => "blocked",
+            ("blocked", true) => "blocked an answer to",
+            ("audited", false) => "would block",
+            ("audited", true) => "would block an answer to",
+            ("unreadable-blocked", false) => "blocked unreadable DNS query",
+            ("unreadable-blocked", true) => "blocked unreadable DNS answer",
+            (_, false) => "unreadable DNS query (let through)",
+            (_, true) => "unreadable DNS answer (let through)",
         };
-        let name = if self.name.is_empty() {
+        let mut name = if self.name.is_empty() {
             String::new()
         } else {
             format!(" {} {}", self.query_type, self.name)
         };
+        if !self.alias_chain.is_empty() {
+            let mut via = format!(" ({}", self.alias_chain.join(" → "));
+            if let Some(record_type) = &self.record_type {
+                via.push_str(&format!(", {record_type}"));
+            }
+            via.push(')');
+            name.push_str(&via);
+        }
+        if let Some(reason) = &self.reason {
+            name.push_str(&format!(" ({reason})"));
+        }
         let rule = self
             .rule
             .as_ref()
@@ -142,34 +186,77 @@ impl EventRecord {
     }
 }
 
+#[cfg(test)]
+impl EventRecord {
+    /// A query event for tests: a blocked (or other) query of `name` by
+    /// pid 1, over UDP to a loopback resolver, with no chain and no rule.
+    pub fn for_test(name: &str, verdict: &str, query_type: &str) -> EventRecord {
+        EventRecord {
+            time: "2026-11-22T02:00:00.000Z".into(),
+            verdict: verdict.into(),
+            direction: Direction::Query,
+            name: name.into(),
+            query_type: query_type.into(),
+            matched_name: None,
+            record_type: None,
+            alias_chain: Vec::new(),
+            reason: None,
+            transport: Transport::Udp,
+            resolver: "127.0.0.1:53".into(),
+            source: "127.0.0.1:4000".into(),
+            pid: 1,
+            comm: "x".into(),
+            process_chain: Vec::new(),
+            rule: None,
+            socket_ended: None,
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
+    /// Queries whose question was read.
     pub inspected: u64,
+    /// Answers that were read.
+    #[serde(default)]
+    pub answers_inspected: u64,
+    /// Queries and answers refused by a deny rule.
     pub blocked: u64,
+    /// Queries and answers a deny rule matched in audit mode.
     pub audited: u64,
-    pub malformed: u64,
+    /// Queries and answers that could not be read with certainty (refused
+    /// in enforce mode).
+    #[serde(alias = "malformed")]
+    pub unreadable: u64,
+    /// DNS packets of a cgroup with no binding (refused).
     pub unbound: u64,
 }
 
 impl Counters {
     /// The report's view of a policy's kernel counters.
     pub fn from_kernel(counters: &guard_common::maps::PolicyCounters) -> Counters {
+        Counters::read(|c| counters.values[c as usize])
+    }
+
+    /// The counters, each read by `get`.
+    pub fn read(get: impl Fn(guard_common::maps::Counter) -> u64) -> Counters {
         use guard_common::maps::Counter;
-        let get = |c: Counter| counters.values[c as usize];
         Counters {
             inspected: get(Counter::Inspected),
+            answers_inspected: get(Counter::AnswersInspected),
             blocked: get(Counter::Blocked),
             audited: get(Counter::Audited),
-            malformed: get(Counter::Malformed),
+            unreadable: get(Counter::Unreadable),
             unbound: get(Counter::Unbound),
         }
     }
 
     pub fn add(&mut self, other: &Counters) {
         self.inspected += other.inspected;
+        self.answers_inspected += other.answers_inspected;
         self.blocked += other.blocked;
         self.audited += other.audited;
-        self.malformed += other.malformed;
+        self.unreadable += other.unreadable;
         self.unbound += other.unbound;
     }
 }
@@ -253,8 +340,13 @@ impl ProgramStats {
 }
 
 impl Report {
+    /// Reads a saved report; reports of schema 1 (before answers were
+    /// read) are read too.
     pub fn load(path: &std::path::Path) -> Result<Report, String> {
-        load_versioned(path, "guard report", SCHEMA, |r: &Report| &r.schema)
+        load_versioned(path, "guard report", SCHEMA, |r: &Report| &r.schema).or_else(|error| {
+            load_versioned(path, "guard report", SCHEMA_V1, |r: &Report| &r.schema)
+                .map_err(|_| error)
+        })
     }
 }
 

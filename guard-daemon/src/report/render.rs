@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use quick_xml::escape::escape;
 
 use crate::{
+    kernel::records::Direction,
     policy::Mode,
     report::{chains::ChainLink, EventRecord, Report, RuleRef},
 };
@@ -16,6 +17,8 @@ use crate::{
 pub struct Group<'a> {
     pub verdict: &'a str,
     pub name: &'a str,
+    /// Refused answers: the refused name the answer led to.
+    pub matched: Option<&'a str>,
     pub events: Vec<&'a EventRecord>,
 }
 
@@ -47,40 +50,59 @@ impl<'a> Group<'a> {
         chains
     }
 
-    pub fn display_name(&self) -> &'a str {
-        if self.name.is_empty() {
-            "(unreadable query)"
-        } else {
-            self.name
+    /// The group's name for people: the question, or for a refused answer
+    /// the alias chain from the question to the refused name.
+    pub fn display_name(&self) -> String {
+        let first = self.first();
+        if !first.alias_chain.is_empty() {
+            return format!("{} (answer)", first.alias_chain.join(" → "));
         }
+        if self.name.is_empty() {
+            return match first.direction {
+                Direction::Query => "(unreadable query)".into(),
+                Direction::Answer => "(unreadable answer)".into(),
+            };
+        }
+        self.name.to_owned()
     }
 
     /// Refused (as opposed to only reported).
     pub fn blocked(&self) -> bool {
-        self.verdict == "blocked" || self.verdict == "malformed-blocked"
+        is_blocked(self.verdict)
     }
 
     fn label(&self) -> &'static str {
         match self.verdict {
             "blocked" => "BLOCKED",
             "audited" => "WOULD BLOCK",
-            "malformed-blocked" => "BLOCKED (unreadable)",
+            v if is_blocked(v) => "BLOCKED (unreadable)",
             _ => "UNREADABLE",
         }
     }
 }
 
+/// A verdict that refused the message (`malformed-blocked` is schema 1's
+/// word for `unreadable-blocked`).
+pub fn is_blocked(verdict: &str) -> bool {
+    matches!(
+        verdict,
+        "blocked" | "unreadable-blocked" | "malformed-blocked"
+    )
+}
+
 pub fn groups(report: &Report) -> Vec<Group<'_>> {
     let mut groups: Vec<Group<'_>> = Vec::new();
     for event in report.events.iter().filter(|e| e.verdict != "allowed") {
+        let matched = event.matched_name.as_deref();
         match groups
             .iter_mut()
-            .find(|g| g.verdict == event.verdict && g.name == event.name)
+            .find(|g| g.verdict == event.verdict && g.name == event.name && g.matched == matched)
         {
             Some(group) => group.events.push(event),
             None => groups.push(Group {
                 verdict: &event.verdict,
                 name: &event.name,
+                matched,
                 events: vec![event],
             }),
         }
@@ -97,7 +119,7 @@ fn headline(report: &Report) -> String {
     let received = report.events.len() as u64 + report.events_omitted;
     format!(
         "{} DNS queries inspected, {} blocked, {} audited, {} unreadable; events: {received} received, {} lost",
-        c.inspected, c.blocked, c.audited, c.malformed, report.events_lost
+        c.inspected, c.blocked, c.audited, c.unreadable, report.events_lost
     )
 }
 
@@ -284,7 +306,7 @@ pub fn markdown(report: &Report) -> String {
                 out,
                 "| {} | `{}` | {} | {} | {} | {} | {} |",
                 group.label(),
-                markdown_cell(group.display_name()),
+                markdown_cell(&group.display_name()),
                 group.types(),
                 group.events.len(),
                 markdown_cell(&rule.unwrap_or_default()),
@@ -521,13 +543,6 @@ mod tests {
 
     fn event(name: &str, verdict: &str, qtype: &str, chain: &[&str]) -> EventRecord {
         EventRecord {
-            time: "2026-11-22T02:00:00.000Z".into(),
-            verdict: verdict.into(),
-            name: name.into(),
-            query_type: qtype.into(),
-            transport: crate::kernel::records::Transport::Udp,
-            resolver: "127.0.0.1:53".into(),
-            source: "127.0.0.1:4000".into(),
             pid: 7,
             comm: "curl".into(),
             process_chain: chain
@@ -545,7 +560,7 @@ mod tests {
                 policy: "db <deploy>".into(),
                 origin: "p.yaml:3".into(),
             }),
-            socket_ended: None,
+            ..EventRecord::for_test(name, verdict, qtype)
         }
     }
 

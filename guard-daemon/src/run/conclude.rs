@@ -50,9 +50,19 @@ pub(super) fn conclude(
         .into_iter()
         .map(|(hash, qtype, count)| ((hash, qtype), count))
         .collect();
-    let drops =
-        counters.blocked + counters.unbound + if options.audit { 0 } else { counters.malformed };
-    let reported = counters.audited + if options.audit { counters.malformed } else { 0 };
+    let drops = counters.blocked
+        + counters.unbound
+        + if options.audit {
+            0
+        } else {
+            counters.unreadable
+        };
+    let reported = counters.audited
+        + if options.audit {
+            counters.unreadable
+        } else {
+            0
+        };
     let command_code = exit_code_of(status);
     let command: Vec<String> = options
         .command

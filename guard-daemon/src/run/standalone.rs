@@ -180,13 +180,7 @@ impl Enforcement {
     pub(super) fn totals(&self, record: bool) -> RunTotals {
         let read = |c| self.programs.counter(c).unwrap_or(0);
         RunTotals {
-            counters: Counters {
-                inspected: read(Counter::Inspected),
-                blocked: read(Counter::Blocked),
-                audited: read(Counter::Audited),
-                malformed: read(Counter::Malformed),
-                unbound: read(Counter::Unbound),
-            },
+            counters: Counters::read(read),
             events_lost: read(Counter::EventsLost),
             seen: if record {
                 self.programs

@@ -27,7 +27,7 @@ use crate::{
     kernel::{
         cgroup::RunCgroup,
         evidence::{hierarchy_path, kill_task, Evidence},
-        records::{decode, DnsQuery, Record, Transport},
+        records::{decode, DnsQuery, Record},
         sockdiag,
     },
     policy::{Policy, RuleSet},
@@ -307,7 +307,6 @@ pub(super) struct RunState<'a> {
     pub(super) events: Vec<EventRecord>,
     /// (socket cookie, sequence) of TCP segments already reported, so
     /// retransmits of one query are counted once.
-    pub(super) seen_segments: HashSet<(u64, u32)>,
     pub(super) ended_sockets: HashSet<u64>,
     /// Query type names seen, with their codes (to match the kernel's counts).
     pub(super) qtype_codes: std::collections::HashMap<String, u16>,
@@ -330,7 +329,6 @@ impl<'a> RunState<'a> {
             clock: Clock::new(),
             quiet,
             events: Vec::new(),
-            seen_segments: HashSet::new(),
             ended_sockets: HashSet::new(),
             qtype_codes: std::collections::HashMap::new(),
             omitted: 0,
@@ -396,7 +394,7 @@ impl<'a> RunState<'a> {
 
     fn on_record(&mut self, record: Option<Record>) {
         match record {
-            Some(Record::Dns(query)) => self.on_query(query),
+            Some(Record::Dns(query)) => self.on_query(*query),
             Some(Record::Exec {
                 tid, path, args, ..
             }) => self.table.on_exec(tid, path, args),
@@ -414,23 +412,11 @@ impl<'a> RunState<'a> {
     fn on_query(&mut self, query: DnsQuery) {
         let mut ended = None;
         if query.verdict.dropped() && self.ended_sockets.insert(query.socket_cookie) {
-            let protocol = match query.transport {
-                Transport::Tcp => sockdiag::Protocol::Tcp,
-                Transport::Udp => sockdiag::Protocol::Udp,
-            };
-            let result =
-                sockdiag::destroy(protocol, query.source, query.resolver, query.socket_cookie);
+            let result = sockdiag::end_socket_of(&query);
             if let Err(e) = &result {
                 tracing::debug!(error = %e, transport = %query.transport, "could not end the blocked query's socket");
             }
             ended = Some(result.is_ok());
-        }
-        if query.transport == Transport::Tcp
-            && !self
-                .seen_segments
-                .insert((query.socket_cookie, query.tcp_seq))
-        {
-            return;
         }
         if self.events.len() >= MAX_STORED_EVENTS {
             self.omitted += 1;
@@ -456,7 +442,7 @@ impl<'a> RunState<'a> {
         }
         let expected = self
             .rules
-            .decide(&query.name)
+            .decide_labels(query.decided_labels())
             .map(|(rule, _)| rule.pattern.to_string());
         let reported = query
             .rule_id

@@ -53,13 +53,26 @@ impl Sandbox {
     /// `guard ARGS...` in a private mount namespace whose /etc/resolv.conf
     /// names the test servers.
     pub fn guard(&self, args: &[&str]) -> Command {
+        self.guard_with_files(&[], args)
+    }
+
+    /// As [`Sandbox::guard`], with each (file, target) also bind-mounted
+    /// over its target (a hosts file, an nsswitch.conf) for guard and its
+    /// command only.
+    pub fn guard_with_files(&self, files: &[(&Path, &str)], args: &[&str]) -> Command {
+        let mut mounts = String::from("mount --bind \"$0\" /etc/resolv.conf");
+        for (index, (_, target)) in files.iter().enumerate() {
+            mounts += &format!(" && mount --bind \"${}\" {target}", index + 1);
+        }
         let mut command = Command::new("unshare");
         command
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
-            .arg(self.path("resolv.conf"))
-            .arg(GUARD)
-            .args(args);
+            .arg(format!("{mounts} && shift {} && exec \"$@\"", files.len()))
+            .arg(self.path("resolv.conf"));
+        for (file, _) in files {
+            command.arg(file);
+        }
+        command.arg(GUARD).args(args);
         command
     }
 
@@ -124,15 +137,20 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     condition()
 }
 
+/// The cgroup2 mount point (its root cgroup's directory).
+pub fn cgroup_root() -> PathBuf {
+    guard_daemon::kernel::cgroup::cgroup2_mount_point(
+        &fs::read_to_string("/proc/self/mountinfo").unwrap(),
+    )
+    .expect("cgroup2 mounted")
+}
+
 /// This process's cgroup v2 directory (guard creates run cgroups under the
 /// cgroup it runs in).
 pub fn own_cgroup_dir() -> PathBuf {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mount =
-        guard_daemon::kernel::cgroup::cgroup2_mount_point(&mountinfo).expect("cgroup2 mounted");
     let text = fs::read_to_string("/proc/self/cgroup").unwrap();
     let relative = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-    mount.join(relative.trim_start_matches('/'))
+    cgroup_root().join(relative.trim_start_matches('/'))
 }
 
 pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
@@ -167,32 +185,74 @@ pub fn validate_report(value: &serde_json::Value) {
     );
 }
 
-/// The cgroup2 mount point (its root cgroup's directory).
-pub fn cgroup_root() -> PathBuf {
-    guard_daemon::kernel::cgroup::cgroup2_mount_point(
-        &fs::read_to_string("/proc/self/mountinfo").unwrap(),
+/// The test servers, as `guard-dns-query` takes them.
+pub const SERVERS: [&str; 2] = ["127.0.0.1:53", "[::1]:53"];
+
+/// `guard run --deny frontend.internal --deny '*.frontend.internal' --report
+/// R -- CMD...`: the run and its report.
+pub fn guarded(sandbox: &Sandbox, command: &[&str]) -> (Run, serde_json::Value) {
+    guarded_with(
+        sandbox,
+        &[
+            "--deny",
+            "frontend.internal",
+            "--deny",
+            "*.frontend.internal",
+        ],
+        command,
     )
-    .expect("cgroup2 mounted")
 }
 
-impl Sandbox {
-    /// `guard ARGS...` in a private mount namespace with the sandbox's
-    /// resolv.conf, and each (file, target) bind-mounted over its target
-    /// (a hosts file, an nsswitch.conf) for guard and its command only.
-    pub fn guard_with_files(&self, files: &[(&Path, &str)], args: &[&str]) -> Command {
-        let mut mounts = String::from("mount --bind \"$0\" /etc/resolv.conf");
-        for (index, (_, target)) in files.iter().enumerate() {
-            mounts += &format!(" && mount --bind \"${}\" {target}", index + 1);
-        }
-        let mut command = Command::new("unshare");
-        command
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(format!("{mounts} && shift {} && exec \"$@\"", files.len()))
-            .arg(self.path("resolv.conf"));
-        for (file, _) in files {
-            command.arg(file);
-        }
-        command.arg(GUARD).args(args);
-        command
-    }
+/// `guard run OPTIONS --report R -- CMD...`: the run and its report.
+pub fn guarded_with(
+    sandbox: &Sandbox,
+    options: &[&str],
+    command: &[&str],
+) -> (Run, serde_json::Value) {
+    let report_path = sandbox.path("report.json");
+    let _ = fs::remove_file(&report_path);
+    let mut args = vec!["run"];
+    args.extend_from_slice(options);
+    args.extend(["--report", report_path.to_str().unwrap(), "--"]);
+    args.extend_from_slice(command);
+    let run = sandbox.run(&args);
+    let value = report(&report_path);
+    (run, value)
+}
+
+pub fn saw(sandbox: &Sandbox, name: &str) -> bool {
+    sandbox.v4.saw(name) || sandbox.v6.saw(name)
+}
+
+/// A denied lookup: exit 77, never at the server, one blocked event.
+pub fn assert_refused(sandbox: &Sandbox, run: &Run, report: &serde_json::Value, name: &str) {
+    assert_eq!(run.code, 77, "{name}: {run:?}");
+    assert!(!saw(sandbox, name), "{name} reached the server: {run:?}");
+    let events = report["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["verdict"] == "blocked" && e["name"] == name),
+        "{name}: {report:#}"
+    );
+    // Every refusal is one event, none lost here.
+    assert_eq!(
+        report["counters"]["blocked"].as_u64().unwrap(),
+        events.len() as u64 + report["events_lost"].as_u64().unwrap(),
+        "{report:#}"
+    );
+}
+
+/// An allowed lookup: answered, exit 0, no event.
+pub fn assert_answered(sandbox: &Sandbox, run: &Run, report: &serde_json::Value, name: &str) {
+    assert_eq!(run.code, 0, "{name}: {run:?}");
+    assert!(
+        saw(sandbox, name),
+        "{name} never reached the server: {run:?}"
+    );
+    assert!(
+        run.stdout.contains("192.0.2.1") || run.stdout.contains("2001:db8::1"),
+        "{run:?}"
+    );
+    assert_eq!(report["events"].as_array().unwrap().len(), 0, "{report:#}");
 }

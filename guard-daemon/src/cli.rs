@@ -14,8 +14,10 @@ use crate::{
 const EXIT_CODES: &str = "\
 Exit status of `guard run`:
   CMD's own     nothing was blocked (or --audit was given)
-  77            at least one DNS lookup was blocked in enforce mode,
-                even if CMD exited 0 (the CI gate)
+  77            at least one DNS lookup was blocked in enforce mode, or
+                the run took a way around the guard (left its cgroup, a
+                packet or raw socket, guard's programs detached, a hosts
+                entry for a denied name), even if CMD exited 0 (the CI gate)
   125           guard could not set up enforcement, or a policy or option
                 was invalid; CMD was not run (unless --fail-open)
   126           CMD was found but could not be run
@@ -48,8 +50,11 @@ enum Command {
     /// CNAME, DNAME, SRV, MX, HTTPS or SVCB target, an address record owned
     /// by it) is refused too. A refused lookup fails at once: the send fails
     /// (EPERM over UDP, EACCES over TCP), a refused TCP answer arrives as
-    /// REFUSED, and guard ends the socket. Nothing outside the cgroup is
-    /// affected. Requires root.
+    /// REFUSED, and guard ends the socket. Lookups through nscd or
+    /// systemd-resolved are sent back on the wire (Linux 6.7+). In enforce
+    /// mode a process that leaves the cgroup or opens a packet socket is
+    /// killed (see --allow-raw-sockets) and the run fails. Nothing outside
+    /// the cgroup is affected. Requires root.
     #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Work with policy files.

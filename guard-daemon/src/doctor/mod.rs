@@ -7,7 +7,11 @@
 //! names (nsswitch's `hosts:` line, hosts-file entries for denied names,
 //! nscd and systemd-resolved, resolv.conf against the DNS ports,
 //! systemd-resolved's DNS-over-TLS, IPsec policies) and at the daemon.
-use std::{fs, os::fd::AsFd as _, path::Path};
+use std::{
+    fs,
+    os::fd::{AsFd as _, BorrowedFd},
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -180,10 +184,8 @@ fn kernel(findings: &mut Vec<Finding>) {
         &bpfsys::returning(1),
         c"GPL",
     )
-    .and_then(|program| {
-        let packet = [0x45u8; 64];
-        bpfsys::test_run(program.as_fd(), &packet)
-    });
+    .map_err(|e| e.to_string())
+    .and_then(|program| test_run_probe(program.as_fd()));
     findings.push(match test_run {
         Ok(1) => finding("BPF_PROG_TEST_RUN", Status::Ok, "runs cgroup_skb programs"),
         Ok(other) => finding(
@@ -194,9 +196,31 @@ fn kernel(findings: &mut Vec<Finding>) {
         Err(e) => finding(
             "BPF_PROG_TEST_RUN",
             Status::Info,
-            format!("unavailable ({e}): only guard's own tests use it"),
+            format!("unavailable ({e}): guard does not need it (it runs programs on test packets)"),
         ),
     });
+}
+
+/// Runs the probe once on a dummy packet with aya's `BPF_PROG_TEST_RUN`;
+/// returns its return value. aya did not load the probe (it is two raw
+/// instructions), but drives it once given its info, found by its id.
+fn test_run_probe(program: BorrowedFd<'_>) -> Result<u32, String> {
+    use aya::programs::{CgroupSkb, TestRun as _, TestRunOptions};
+    let id = bpfsys::object_id(program).map_err(|e| e.to_string())?;
+    let info = aya::programs::loaded_programs()
+        .flatten()
+        .find(|info| info.id() == id)
+        .ok_or("the probe program vanished")?;
+    let probe = CgroupSkb::from_program_info(info, "guard_probe".into(), None)
+        .map_err(|e| e.to_string())?;
+    let packet = [0x45u8; 64];
+    probe
+        .test_run(TestRunOptions {
+            data_in: Some(&packet),
+            ..TestRunOptions::default()
+        })
+        .map(|result| result.return_value)
+        .map_err(|e| e.to_string())
 }
 
 /// Whether the Unix-socket hooks work here (and a finding saying so).

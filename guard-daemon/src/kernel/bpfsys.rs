@@ -252,32 +252,3 @@ pub fn returning(value: i32) -> [aya_obj::generated::bpf_insn; 2] {
         },
     ]
 }
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-}
-
-/// Runs a program once on `data` without a network (`BPF_PROG_TEST_RUN`);
-/// returns its return value.
-pub fn test_run(program: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        data_size_in: data.len() as u32,
-        data_in: data.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(attr.retval)
-}

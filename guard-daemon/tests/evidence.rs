@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 
-use common::{cgroup_root, dns_query, report, validate_report, Run, Sandbox, GUARD};
+use common::{cgroup_root, dns_query, guarded_with, report, validate_report, Run, Sandbox, GUARD};
 
 fn evidence(report: &serde_json::Value) -> &Vec<serde_json::Value> {
     report["evidence"].as_array().expect("evidence array")
@@ -23,24 +23,17 @@ fn clone3() -> String {
 #[test]
 fn a_process_that_moves_itself_out_is_killed_and_fails_the_run() {
     let sandbox = Sandbox::new();
-    let report_path = sandbox.path("report.json");
     let root = cgroup_root();
     let script = format!(
         "echo $$ > {}/cgroup.procs; {} 127.0.0.1:53 frontend.internal; echo survived",
         root.display(),
         dns_query()
     );
-    let run = sandbox.run(&[
-        "run",
-        "--deny",
-        "frontend.internal",
-        "--report",
-        report_path.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let (run, report) = guarded_with(
+        &sandbox,
+        &["--deny", "frontend.internal"],
+        &["sh", "-c", &script],
+    );
     assert_eq!(run.code, 77, "{run:?}");
     assert!(!run.stdout.contains("survived"), "{run:?}");
     assert!(
@@ -52,8 +45,6 @@ fn a_process_that_moves_itself_out_is_killed_and_fails_the_run() {
             .contains("ESCAPED left-cgroup: moved itself to /"),
         "{run:?}"
     );
-    let report = report(&report_path);
-    validate_report(&report);
     let escape = &evidence(&report)[0];
     assert_eq!(escape["kind"], "left-cgroup");
     assert_eq!(escape["verdict"], "fails-run");
@@ -82,25 +73,13 @@ fn a_process_that_moves_itself_out_is_killed_and_fails_the_run() {
 fn a_process_moved_out_by_another_is_killed_but_moves_within_the_run_are_not_escapes() {
     let sandbox = Sandbox::new();
     let root = cgroup_root();
-    let report_path = sandbox.path("report.json");
     let script = format!(
         "sleep 20 & echo $! > {}/cgroup.procs; wait $!; echo waited=$?",
         root.display()
     );
-    let run = sandbox.run(&[
-        "run",
-        "-q",
-        "--report",
-        report_path.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let (run, report) = guarded_with(&sandbox, &["-q"], &["sh", "-c", &script]);
     assert_eq!(run.code, 77, "{run:?}");
     assert!(run.stdout.contains("waited=137"), "killed: {run:?}");
-    let report = report(&report_path);
-    validate_report(&report);
     let escape = &evidence(&report)[0];
     assert_eq!(escape["kind"], "left-cgroup", "{escape:#}");
     assert_eq!(escape["action"], "killed");
@@ -129,31 +108,18 @@ fn a_process_moved_out_by_another_is_killed_but_moves_within_the_run_are_not_esc
 fn clone3_into_another_cgroup_is_killed_and_fails_the_run() {
     let sandbox = Sandbox::new();
     let root = cgroup_root();
-    let report_path = sandbox.path("report.json");
     let script = format!(
         "{} 127.0.0.1:53 frontend.internal; echo escaped",
         dns_query()
     );
-    let helper = clone3();
-    let run = sandbox.run(&[
-        "run",
-        "-q",
-        "--deny",
-        "frontend.internal",
-        "--report",
-        report_path.to_str().unwrap(),
-        "--",
-        &helper,
-        root.to_str().unwrap(),
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let (run, report) = guarded_with(
+        &sandbox,
+        &["-q", "--deny", "frontend.internal"],
+        &[&clone3(), root.to_str().unwrap(), "sh", "-c", &script],
+    );
     assert_eq!(run.code, 77, "{run:?}");
     assert!(!run.stdout.contains("escaped"), "{run:?}");
     assert!(!sandbox.v4.saw("frontend.internal"));
-    let report = report(&report_path);
-    validate_report(&report);
     let escape = &evidence(&report)[0];
     assert_eq!(escape["action"], "killed");
     assert!(
@@ -180,23 +146,14 @@ const RAW_SOCKET: &str =
 #[test]
 fn packet_and_raw_sockets_fail_the_run_unless_the_policy_allows_them() {
     let sandbox = Sandbox::new();
-    let report_path = sandbox.path("report.json");
-    let run = sandbox.run(&[
-        "run",
-        "--deny",
-        "frontend.internal",
-        "--report",
-        report_path.to_str().unwrap(),
-        "--",
-        "python3",
-        "-c",
-        PACKET_SOCKET,
-    ]);
+    let (run, report) = guarded_with(
+        &sandbox,
+        &["--deny", "frontend.internal"],
+        &["python3", "-c", PACKET_SOCKET],
+    );
     assert_eq!(run.code, 77, "{run:?}");
     // Killed before it could send anything below the cgroup hooks.
     assert!(!run.stdout.contains("opened"), "{run:?}");
-    let report = report(&report_path);
-    validate_report(&report);
     let entry = &evidence(&report)[0];
     assert_eq!(entry["kind"], "packet-socket");
     assert_eq!(entry["action"], "killed");
@@ -249,25 +206,16 @@ const DETACH: &str = "cg=$(stat -c %i $(awk '$9 == \"cgroup2\" {print $5; exit}'
 #[test]
 fn detaching_guards_program_fails_the_run_and_ends_it() {
     let sandbox = Sandbox::new();
-    let report_path = sandbox.path("report.json");
-    let run = sandbox.run(&[
-        "run",
-        "--deny",
-        "frontend.internal",
-        "--report",
-        report_path.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        DETACH,
-    ]);
+    let (run, report) = guarded_with(
+        &sandbox,
+        &["--deny", "frontend.internal"],
+        &["sh", "-c", DETACH],
+    );
     assert_eq!(run.code, 77, "{run:?}");
     assert!(run.stdout.contains("detached"), "{run:?}");
     // Nothing goes on unguarded: the run is ended at once.
     assert!(!run.stdout.contains("still-running"), "{run:?}");
     assert!(run.stderr.contains("ending the run"), "{run:?}");
-    let report = report(&report_path);
-    validate_report(&report);
     let kinds: Vec<&str> = evidence(&report)
         .iter()
         .map(|e| e["kind"].as_str().unwrap())

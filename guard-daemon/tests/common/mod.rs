@@ -203,7 +203,8 @@ pub fn guarded(sandbox: &Sandbox, command: &[&str]) -> (Run, serde_json::Value) 
     )
 }
 
-/// `guard run OPTIONS --report R -- CMD...`: the run and its report.
+/// `guard run OPTIONS --report R -- CMD...`: the run and its report,
+/// checked against the report's schema.
 pub fn guarded_with(
     sandbox: &Sandbox,
     options: &[&str],
@@ -217,6 +218,7 @@ pub fn guarded_with(
     args.extend_from_slice(command);
     let run = sandbox.run(&args);
     let value = report(&report_path);
+    validate_report(&value);
     (run, value)
 }
 

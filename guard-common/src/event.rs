@@ -21,6 +21,9 @@ pub enum EventKind {
     Exec = 2,
     ExecResult = 3,
     Fork = 4,
+    // Kinds from 16 on are the evidence records ([`EvidenceEvent`]),
+    // numbered apart from the DNS records so both families can grow.
+    Evidence = 16,
 }
 
 /// What the kernel did with a DNS message it reported.
@@ -249,3 +252,95 @@ const _: () = assert!(core::mem::size_of::<DnsEvent>() == 112 + 2 * NAME_CAP + M
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 28 + PATH_CAP + ARGS_CAP + PATH_CAP);
 const _: () = assert!(core::mem::size_of::<ExecResultEvent>() == 20);
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 32);
+
+/// What an [`EvidenceEvent`] reports: a way around the DNS hooks that a
+/// process of a guarded cgroup took or tried.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EvidenceKind {
+    /// A task left the cgroup that guarded it (seen in its own context:
+    /// certain). `target_cgroup` is where it is now (0: unknown).
+    LeftCgroup = 1,
+    /// Another process moved a guarded task to a cgroup that is not itself
+    /// bound. Whether that is still inside the guarded tree is decided in
+    /// userspace from `path` (the destination's path in the hierarchy).
+    Moved = 2,
+    /// `socket()` of a packet socket (`AF_PACKET`, `SOCK_PACKET`, `AF_XDP`):
+    /// it sends below the cgroup hooks. `args`: family, type, protocol.
+    PacketSocket = 3,
+    /// `socket()` of a raw IP socket: its packets are inspected, but it can
+    /// forge any transport header. `args`: family, type, protocol.
+    RawSocket = 4,
+    /// `bpf()` with a command that changes programs, links or maps (detach,
+    /// replace, map writes). `args[0]`: the command.
+    Bpf = 5,
+    /// A connection to (or datagram for) a local resolver daemon's socket
+    /// was refused, so the lookup goes back on the wire. `path`: the socket.
+    ResolverRefused = 6,
+    /// A connection to a socket that hands work to a process outside the
+    /// cgroup (systemd, D-Bus): noted, not refused. `path`: the socket.
+    Handoff = 7,
+    /// A task of a guarded cgroup could not be tracked (map full): its
+    /// escapes would go unseen.
+    Untracked = 8,
+}
+
+impl EvidenceKind {
+    pub const fn from_u8(value: u8) -> Option<EvidenceKind> {
+        match value {
+            1 => Some(EvidenceKind::LeftCgroup),
+            2 => Some(EvidenceKind::Moved),
+            3 => Some(EvidenceKind::PacketSocket),
+            4 => Some(EvidenceKind::RawSocket),
+            5 => Some(EvidenceKind::Bpf),
+            6 => Some(EvidenceKind::ResolverRefused),
+            7 => Some(EvidenceKind::Handoff),
+            8 => Some(EvidenceKind::Untracked),
+            _ => None,
+        }
+    }
+}
+
+/// [`EvidenceEvent::action`]: only recorded.
+pub const ACTION_RECORDED: u8 = 0;
+/// [`EvidenceEvent::action`]: the kernel sent SIGKILL to the acting process.
+pub const ACTION_KILLED: u8 = 1;
+/// [`EvidenceEvent::action`]: the call was refused (EPERM).
+pub const ACTION_REFUSED: u8 = 2;
+
+/// A way around the DNS hooks, seen by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EvidenceEvent {
+    /// [`EventKind::Evidence`].
+    pub kind: u8,
+    /// An [`EvidenceKind`].
+    pub what: u8,
+    /// [`ACTION_RECORDED`], [`ACTION_KILLED`] or [`ACTION_REFUSED`].
+    pub action: u8,
+    pub _pad: u8,
+    /// Policy of the binding concerned (routes the record); `u32::MAX`
+    /// when none is known.
+    pub policy_id: u32,
+    /// Process and thread that acted (the writer of `cgroup.procs`, the
+    /// caller of `socket()`, ...).
+    pub pid: u32,
+    pub tid: u32,
+    /// The task concerned: the one that moved, else the acting thread.
+    pub subject: u32,
+    /// Level of `target_cgroup` in the hierarchy.
+    pub target_level: u32,
+    /// The cgroup that guarded the task.
+    pub guarded_cgroup: u64,
+    /// Where the task went.
+    pub target_cgroup: u64,
+    pub args: [u64; 3],
+    /// `bpf_ktime_get_boot_ns`.
+    pub boot_ns: u64,
+    pub comm: [u8; COMM_LEN],
+    /// NUL-terminated: the destination cgroup's path in the hierarchy, or
+    /// the Unix socket's path.
+    pub path: [u8; PATH_CAP],
+}
+
+const _: () = assert!(core::mem::size_of::<EvidenceEvent>() == 88 + PATH_CAP);

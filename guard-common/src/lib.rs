@@ -13,6 +13,7 @@
 extern crate std;
 
 pub mod event;
+pub mod evidence;
 pub mod maps;
 pub mod matching;
 

@@ -14,8 +14,10 @@ use crate::{
 const EXIT_CODES: &str = "\
 Exit status of `guard run`:
   CMD's own     nothing was blocked (or --audit was given)
-  77            at least one DNS lookup was blocked in enforce mode,
-                even if CMD exited 0 (the CI gate)
+  77            at least one DNS lookup was blocked in enforce mode, or
+                the run took a way around the guard (left its cgroup, a
+                packet or raw socket, guard's programs detached, a hosts
+                entry for a denied name), even if CMD exited 0 (the CI gate)
   125           guard could not set up enforcement, or a policy or option
                 was invalid; CMD was not run (unless --fail-open)
   126           CMD was found but could not be run
@@ -48,8 +50,11 @@ enum Command {
     /// CNAME, DNAME, SRV, MX, HTTPS or SVCB target, an address record owned
     /// by it) is refused too. A refused lookup fails at once: the send fails
     /// (EPERM over UDP, EACCES over TCP), a refused TCP answer arrives as
-    /// REFUSED, and guard ends the socket. Nothing outside the cgroup is
-    /// affected. Requires root.
+    /// REFUSED, and guard ends the socket. Lookups through nscd or
+    /// systemd-resolved are sent back on the wire (Linux 6.7+). In enforce
+    /// mode a process that leaves the cgroup or opens a packet socket is
+    /// killed (see --allow-raw-sockets) and the run fails. Nothing outside
+    /// the cgroup is affected. Requires root.
     #[command(after_help = EXIT_CODES)]
     Run(Box<RunArgs>),
     /// Work with policy files.
@@ -75,6 +80,11 @@ enum Command {
     /// otherwise. Put it in `ExecStartPre=` of a bound unit: the unit then
     /// cannot start unguarded (see the README).
     EnsureGuarded,
+    /// Say what on this host weakens the guard, each finding with what to
+    /// do: kernel features, how names are resolved here (nsswitch, hosts
+    /// file, nscd, systemd-resolved), DNS ports, IPsec, the daemon. Exit 0
+    /// when nothing weakens it, 1 otherwise.
+    Doctor(DoctorArgs),
     /// Print the daemon's recent DNS events (blocked, audited, recorded).
     Events {
         /// Keep printing new events as they happen.
@@ -84,6 +94,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Check the hosts file against these policies; repeatable.
+    #[arg(short, long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
+    /// ... and these denied names; repeatable.
+    #[arg(long, value_name = "NAME")]
+    deny: Vec<String>,
+    /// The DNS ports guard runs would inspect.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    dns_ports: Vec<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +185,16 @@ struct RunArgs {
     /// programs for this run alone. (Without a daemon this is the default.)
     #[arg(long)]
     standalone: bool,
+    /// Packet and raw sockets are expected (a tool that needs them): they
+    /// are reported, but neither killed nor failing the run. A policy can
+    /// say the same with `allow_raw_sockets: true`.
+    #[arg(long)]
+    allow_raw_sockets: bool,
+    /// Unix socket of a local resolver daemon to refuse connections to,
+    /// besides nscd's and systemd-resolved's; repeatable. Implies
+    /// --standalone.
+    #[arg(long = "resolver-socket", value_name = "PATH")]
+    resolver_sockets: Vec<PathBuf>,
     /// Size of the kernel-to-userspace event buffer (a power of two, at
     /// least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = ring_size)]
@@ -248,8 +284,13 @@ pub fn main() -> i32 {
             junit: args.junit,
             summary_markdown: args.summary_markdown,
             record: args.record,
-            // An explicit cgroup placement is a standalone run's feature.
-            standalone: args.standalone || args.cgroup_parent.is_some(),
+            // An explicit cgroup placement or extra resolver sockets are a
+            // standalone run's features (the daemon's are its own).
+            standalone: args.standalone
+                || args.cgroup_parent.is_some()
+                || !args.resolver_sockets.is_empty(),
+            allow_raw_sockets: args.allow_raw_sockets,
+            resolver_sockets: args.resolver_sockets,
         }),
         Command::Daemon(args) if args.uninstall => crate::daemon::uninstall(&args.config),
         Command::Daemon(args) => crate::daemon::main(crate::daemon::DaemonOptions {
@@ -262,7 +303,37 @@ pub fn main() -> i32 {
         Command::Policy(PolicyCommand::Check { files }) => check(&files),
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
         Command::Report(args) => report(&args),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> i32 {
+    let rules = if args.policies.is_empty() && args.deny.is_empty() {
+        None
+    } else {
+        let mut policies = Vec::new();
+        for file in &args.policies {
+            match Policy::load(file) {
+                Ok(policy) => policies.push(policy),
+                Err(e) => {
+                    eprintln!("guard: {e}");
+                    return 2;
+                }
+            }
+        }
+        match crate::policy::compile(policies, &args.deny, &[], false) {
+            Ok((_, rules)) => Some(rules),
+            Err(e) => {
+                eprintln!("guard: {e}");
+                return 2;
+            }
+        }
+    };
+    crate::doctor::main(&crate::doctor::DoctorOptions {
+        json: args.json,
+        rules,
+        dns_ports: args.dns_ports,
+    })
 }
 
 /// Logs go to stderr. The daemon logs at info (one record per blocked

@@ -10,6 +10,7 @@
 //!   daemon;
 //! - [`daemon`]: the long-lived service (`guard daemon`);
 //! - [`api`]: the daemon's socket protocol and its client;
+//! - [`doctor`]: `guard doctor`, what on this host weakens the guard;
 //! - [`cli`]: the command line on top of all of them.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod doctor;
 pub mod error;
 pub mod kernel;
 pub mod policy;

@@ -6,7 +6,7 @@ mod common;
 
 use std::{fs, path::Path, process::Command};
 
-use common::{dns_query, report, Sandbox, GUARD};
+use common::{dns_query, report, validate_report, Sandbox, GUARD};
 
 fn schema_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas"))
@@ -25,21 +25,6 @@ fn validate_junit(path: &Path) {
         path.display(),
         String::from_utf8_lossy(&output.stderr),
         fs::read_to_string(path).unwrap_or_default()
-    );
-}
-
-fn validate_report(value: &serde_json::Value) {
-    let schema: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(schema_dir().join("report.schema.json")).unwrap())
-            .unwrap();
-    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
-    let errors: Vec<String> = validator
-        .iter_errors(value)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "report does not match its schema: {errors:#?}\n{value:#}"
     );
 }
 

@@ -1099,3 +1099,75 @@ fn a_nested_guard_run_stays_under_the_outer_guard() {
     assert!(run.stderr.contains("running standalone"), "{run:?}");
     assert!(!sandbox.v4.saw("nested.frontend.test"));
 }
+
+/// A task leaving a bound cgroup is killed (enforce mode) and logged; a
+/// run through the daemon fails on an escape exactly as a standalone run.
+#[test]
+fn escapes_from_bound_cgroups_and_hosted_runs_are_killed_and_reported() {
+    let sandbox = Sandbox::new();
+    let (daemon, agent) = TestDaemon::with_agent();
+    let root = common::cgroup_root();
+    let escape = format!("echo $$ > {}/cgroup.procs; echo survived", root.display());
+    let moved = Run::from(
+        daemon
+            .in_cgroup(
+                &sandbox,
+                &agent,
+                &["sh".to_string(), "-c".to_string(), escape.clone()],
+            )
+            .output()
+            .unwrap(),
+    );
+    assert!(!moved.stdout.contains("survived"), "killed: {moved:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .log()
+            .contains("moved itself to /")),
+        "{}",
+        daemon.log()
+    );
+    let events = Run::from(daemon.admin(&["events", "--json"]).output().unwrap());
+    let escape_event = events
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["kind"] == "left-cgroup")
+        .unwrap_or_else(|| panic!("an evidence event: {events:?}"));
+    assert_eq!(escape_event["action"], "killed", "{escape_event:#}");
+    assert_eq!(escape_event["binding"], "cgroup");
+    let text = Run::from(daemon.admin(&["events"]).output().unwrap());
+    assert!(
+        text.stdout
+            .contains("EVIDENCE left-cgroup: moved itself to / (killed, fails-run)"),
+        "{text:?}"
+    );
+
+    let report_path = sandbox.path("report.json");
+    let run = Run::from(
+        daemon
+            .guard(
+                &sandbox,
+                &[
+                    "run",
+                    "--deny",
+                    "x.frontend.test",
+                    "--report",
+                    report_path.to_str().unwrap(),
+                    "--",
+                    "sh",
+                    "-c",
+                    &escape,
+                ],
+            )
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 77, "{run:?}");
+    assert!(!run.stderr.contains("running standalone"), "{run:?}");
+    assert!(!run.stdout.contains("survived"), "{run:?}");
+    let report = report(&report_path);
+    common::validate_report(&report);
+    assert_eq!(report["evidence"][0]["kind"], "left-cgroup", "{report:#}");
+    assert_eq!(report["evidence"][0]["action"], "killed");
+    assert_eq!(report["resolver_socket_hooks"], "active");
+}

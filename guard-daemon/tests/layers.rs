@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("api", &["kernel", "policy", "report"]),
     ("run", &["api", "kernel", "policy", "report"]),
     ("daemon", &["api", "kernel", "policy", "report"]),
+    ("doctor", &["api", "kernel", "policy", "report"]),
 ];
 
 #[test]

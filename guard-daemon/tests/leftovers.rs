@@ -7,7 +7,14 @@ mod common;
 use std::{fs, path::Path, process::Stdio, time::Duration};
 
 use common::{eventually, run_cgroups_of, Sandbox};
-use guard_common::maps::{PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK};
+use guard_common::{
+    evidence::{ESCAPE_TRACEPOINTS, PROGRAM_UNIX_CONNECT, PROGRAM_UNIX_SENDMSG},
+    maps::{
+        PROGRAM_DNS_EGRESS, PROGRAM_DNS_INGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT,
+        PROGRAM_FORK, PROGRAM_SOCK_OPS, PROGRAM_STREAM_ANSWER, PROGRAM_STREAM_PARSE,
+        PROGRAM_STREAM_SEND,
+    },
+};
 
 fn guard_cgroups(root: &Path, depth: usize, found: &mut Vec<String>) {
     let Ok(entries) = fs::read_dir(root) else {
@@ -26,17 +33,28 @@ fn guard_cgroups(root: &Path, depth: usize, found: &mut Vec<String>) {
     }
 }
 
+/// Loaded programs with the name of one of guard's. The kernel keeps the
+/// first 15 bytes of a program's name (`BPF_OBJ_NAME_LEN`).
 fn guard_programs() -> Vec<String> {
-    let ours = [
+    let mut ours = vec![
         PROGRAM_DNS_EGRESS,
+        PROGRAM_DNS_INGRESS,
+        PROGRAM_SOCK_OPS,
+        PROGRAM_STREAM_SEND,
+        PROGRAM_STREAM_PARSE,
+        PROGRAM_STREAM_ANSWER,
         PROGRAM_EXEC_ENTER,
         PROGRAM_EXEC_EXIT,
         PROGRAM_FORK,
+        PROGRAM_UNIX_CONNECT,
+        PROGRAM_UNIX_SENDMSG,
     ];
+    ours.extend(ESCAPE_TRACEPOINTS.iter().map(|(name, _, _)| *name));
+    let kernel_name = |name: &str| name[..name.len().min(15)].to_owned();
     aya::programs::loaded_programs()
         .flatten()
         .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|name| ours.contains(&name.as_str()))
+        .filter(|name| ours.iter().any(|o| kernel_name(o) == kernel_name(name)))
         .collect()
 }
 

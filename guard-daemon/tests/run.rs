@@ -755,7 +755,8 @@ fn setup_failure_refuses_to_run_unless_fail_open() {
 
 /// A raw IPv6 socket sends the query behind N extension headers. guard
 /// follows four; beyond that it cannot see whether the packet is DNS and
-/// refuses it (fail closed) rather than let it pass unexamined.
+/// refuses it (fail closed) rather than let it pass unexamined. (Raw
+/// sockets are evidence that fails a run unless allowed; allowed here.)
 #[test]
 fn ipv6_extension_headers_cannot_hide_a_query() {
     let sandbox = Sandbox::new();
@@ -767,6 +768,7 @@ fn ipv6_extension_headers_cannot_hide_a_query() {
         sandbox.run(&[
             "run",
             "-q",
+            "--allow-raw-sockets",
             "--deny",
             "frontend.internal",
             "--",

@@ -12,10 +12,15 @@
 //!   record what runs in guarded cgroups, so every blocked query can be
 //!   attributed to a process chain with arguments even when the processes
 //!   have already exited.
+//! - [`escape`] `escape_*` (tracepoints): tasks leaving their guarded
+//!   cgroup, packet and raw sockets, `bpf()` calls that could change guard.
+//! - [`unix`] `unix_connect`, `unix_sendmsg` (cgroup sock_addr, Unix
+//!   sockets): connections to local resolver daemons refused.
 //!
 //! Shared by the hooks: [`packet`] (where a packet's parts are), [`wire`]
 //! (reading and deciding a DNS question), [`verdict`] (counting, reporting,
-//! passing or dropping), [`maps`] (maps and globals).
+//! passing or dropping), [`evidence`] (escape and tamper records), [`maps`]
+//! (maps and globals).
 //!
 //! On a host build this crate is an empty binary, so `cargo clippy --workspace`
 //! works; the real object is built for `bpfel-unknown-none` by guard-daemon's
@@ -26,6 +31,10 @@
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod escape;
+#[cfg(target_arch = "bpf")]
+mod evidence;
+#[cfg(target_arch = "bpf")]
 mod ingress;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -35,6 +44,8 @@ mod packet;
 mod process;
 #[cfg(target_arch = "bpf")]
 mod stream;
+#[cfg(target_arch = "bpf")]
+mod unix;
 #[cfg(target_arch = "bpf")]
 mod verdict;
 #[cfg(target_arch = "bpf")]

@@ -7,6 +7,7 @@
 //!   nightly's: first nightly's own libLLVM, then Debian's llvm-N-dev;
 //! - every command the tests, the bench and the systemd container test run
 //!   ([`TOOLS`]: dig, xmllint, debootstrap, systemd-nspawn, ...);
+//! - nss-resolve, unpacked (not installed) for the systemd-resolved test;
 //! - cargo-deb, which builds the Debian package (`cargo xtask dist`).
 use std::{
     env, fs,
@@ -184,6 +185,11 @@ const TOOLS: &[Tool] = &[
     tool("debootstrap", "debootstrap"),
     tool("systemd-nspawn", "systemd-container"),
     tool("zstd", "zstd"),
+    // A caching daemon the resolver-socket tests start (never as a service:
+    // see no_service_starts).
+    tool("nscd", "nscd"),
+    // Detaches guard's links in the tamper tests, as a user would.
+    tool("bpftool", "bpftool"),
     // Real DNS clients the stream and answer tests drive.
     tool("kdig", "knot-dnsutils"),
     tool("go", "golang-go"),
@@ -199,7 +205,7 @@ fn test_tools() -> Result<()> {
     needed.dedup();
     if !needed.is_empty() {
         let mymachines_before = package_installed("libnss-mymachines");
-        apt_install(&needed)?;
+        no_service_starts(|| apt_install(&needed))?;
         // systemd-container recommends it; it would add the containers'
         // names to the host's name resolution.
         if !mymachines_before && package_installed("libnss-mymachines") {
@@ -208,7 +214,74 @@ fn test_tools() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"))?;
         }
     }
+    nss_resolve()?;
     cargo_deb()
+}
+
+/// Runs `install` with Debian's policy layer refusing every service start,
+/// so that installing nscd never starts it for the whole host (the tests
+/// start their own, in private namespaces). A policy-rc.d already in place
+/// is left alone.
+fn no_service_starts(install: impl FnOnce() -> Result<()>) -> Result<()> {
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    if policy.exists() {
+        return install();
+    }
+    fs::write(
+        policy,
+        "#!/bin/sh\n# written by cargo xtask setup while it installs\nexit 101\n",
+    )?;
+    fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let result = install();
+    fs::remove_file(policy)?;
+    result
+}
+
+/// nss-resolve (libnss_resolve.so.2), unpacked beside the build for the
+/// systemd-resolved test, which loads it through LD_LIBRARY_PATH and a
+/// private nsswitch.conf. Not installed: its package depends on
+/// systemd-resolved, which takes over /etc/resolv.conf, and its
+/// maintainer script edits /etc/nsswitch.conf for the whole host.
+pub fn nss_resolve() -> Result<()> {
+    let dir = test_deps_dir();
+    if fs::read_dir(dir.join("nss-resolve")).is_ok_and(|mut d| d.next().is_some()) {
+        return Ok(());
+    }
+    println!("setup: unpacking libnss-resolve into {}", dir.display());
+    fs::create_dir_all(&dir)?;
+    if !succeeds(
+        Command::new("apt-get")
+            .args(["download", "libnss-resolve"])
+            .current_dir(&dir),
+    ) {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["download", "libnss-resolve"])
+            .current_dir(&dir))?;
+    }
+    let deb = fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnss-resolve") && n.ends_with(".deb"))
+        })
+        .context("apt-get download libnss-resolve left no .deb")?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join("nss-resolve")))?;
+    fs::remove_file(deb)?;
+    Ok(())
+}
+
+/// Where test dependencies that are unpacked rather than installed go.
+pub fn test_deps_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("target/test-deps")
 }
 
 fn missing_tools() -> impl Iterator<Item = &'static Tool> {

@@ -43,6 +43,19 @@ fn admin(request: Request, refused: &str, handle: impl FnOnce(Reply) -> Result<i
     }
 }
 
+/// The daemon's status, or None when no daemon listens on `socket`.
+pub fn daemon_status(socket: &Path) -> Result<Option<Status>> {
+    if !socket.exists() {
+        return Ok(None);
+    }
+    match ask(socket, &Request::Status)? {
+        Reply::Status(status) => Ok(Some(*status)),
+        other => Err(crate::error::Error::Daemon(format!(
+            "unexpected reply {other:?}"
+        ))),
+    }
+}
+
 /// `guard status`.
 pub fn status(json: bool) -> i32 {
     admin(Request::Status, "", |reply| match reply {
@@ -225,6 +238,20 @@ fn event_text(event: &serde_json::Value) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    if event.get("evidence").is_some() {
+        return format!(
+            "{} EVIDENCE {}: {} ({}, {}) ({} {}, policy {}) from: {}",
+            get("time"),
+            get("kind"),
+            get("detail"),
+            get("action"),
+            get("verdict"),
+            get("binding"),
+            get("guarded"),
+            get("policy"),
+            chain.join(" → ")
+        );
+    }
     let rule = event
         .get("rule")
         .filter(|r| !r.is_null())

@@ -191,6 +191,9 @@ pub struct RunRequest {
     pub allow: Vec<String>,
     pub audit: bool,
     pub record: bool,
+    /// `--allow-raw-sockets`.
+    #[serde(default)]
+    pub allow_raw_sockets: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -232,11 +235,24 @@ pub struct RunTotals {
     pub seen: Vec<(u64, u16, u64)>,
     /// The shared program's runs during the run (all cgroups it guards).
     pub program_stats: Option<ProgramStats>,
+    /// Evidence the kernel counted for the run, by `EvidenceKind`.
+    #[serde(default)]
+    pub evidence: Vec<u64>,
+    /// Evidence guard itself found (its programs detached from the run's
+    /// cgroup), as report entries.
+    #[serde(default)]
+    pub detached: Vec<String>,
+    /// `active`, or why the resolver-socket hooks are missing.
+    #[serde(default)]
+    pub resolver_socket_hooks: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// Fingerprint of the daemon's kernel object (its build).
+    #[serde(default)]
+    pub object: String,
     pub pid: u32,
     pub uptime_seconds: u64,
     pub generation: String,

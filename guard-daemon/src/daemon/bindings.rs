@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    kernel::{KernelMaps as _, Pinned},
+    kernel::{evidence::EvidenceMaps as _, KernelMaps as _, Pinned},
     policy::Mode,
 };
 
@@ -108,6 +108,7 @@ impl Bindings {
                     tracing::info!(cgroup = %path.display(), "no longer bound");
                     let _ = kernel.unbind(*id);
                     kernel.detach_cgroup(*id);
+                    kernel.untrack_cgroup(*id);
                 }
             }
             policies.retire(kernel, binding.policy_id);
@@ -126,6 +127,7 @@ impl Bindings {
                 tracing::info!(cgroup = %path.display(), "bound cgroup is gone");
                 let _ = kernel.unbind(*id);
                 kernel.detach_cgroup(*id);
+                kernel.untrack_cgroup(*id);
             }
             binding.cgroup = None;
             if let Some((path, id)) = now {
@@ -161,6 +163,14 @@ impl Bindings {
 
     pub fn policy_ids(&self) -> impl Iterator<Item = u32> + '_ {
         self.active.iter().map(|b| b.policy_id)
+    }
+
+    /// The cgroup a binding's policy id guards now.
+    pub fn cgroup_of_policy(&self, policy_id: u32) -> Option<&Path> {
+        self.active
+            .iter()
+            .find(|b| b.policy_id == policy_id)
+            .and_then(|b| b.cgroup.as_ref().map(|(path, _)| path.as_path()))
     }
 
     /// Ids of the cgroups guarded now.
@@ -208,5 +218,9 @@ fn guard_cgroup(kernel: &mut Pinned, path: &Path, id: u64, binding: Binding) -> 
     // Bind before attaching: the program must never see the cgroup
     // without a binding (it would fail closed and drop all its DNS).
     kernel.bind(id, binding)?;
-    kernel.attach_cgroup(&dir, id)
+    kernel.attach_cgroup(&dir, id)?;
+    // Tasks already running in it (a unit bound while it runs) are watched
+    // for escapes from now on; those it starts later are tracked as born.
+    kernel.track_present_tasks(path, id)?;
+    Ok(())
 }

@@ -46,6 +46,8 @@ struct ConfigFile {
     #[serde(default)]
     dns_ports: Option<Vec<u16>>,
     #[serde(default)]
+    resolver_sockets: Vec<PathBuf>,
+    #[serde(default)]
     rule_capacity: Option<u32>,
     #[serde(default)]
     max_policies: Option<u32>,
@@ -108,6 +110,8 @@ pub struct Config {
     pub runs_cgroup: Option<PathBuf>,
     pub metrics_address: Option<SocketAddr>,
     pub dns_ports: Vec<u16>,
+    /// Resolver-daemon sockets refused besides the defaults.
+    pub resolver_sockets: Vec<PathBuf>,
     pub rule_capacity: u32,
     pub max_policies: u32,
     pub ring_buffer_size: u32,
@@ -290,6 +294,7 @@ impl Config {
             runs_cgroup: file.runs_cgroup,
             metrics_address,
             dns_ports,
+            resolver_sockets: file.resolver_sockets.clone(),
             rule_capacity: file.rule_capacity.unwrap_or(131_072).max(1),
             max_policies: file.max_policies.unwrap_or(4096).max(16),
             ring_buffer_size,
@@ -307,6 +312,7 @@ impl Config {
                 &self.runs_cgroup,
                 &self.metrics_address,
                 &self.dns_ports,
+                &self.resolver_sockets,
                 self.rule_capacity,
                 self.max_policies,
                 self.ring_buffer_size

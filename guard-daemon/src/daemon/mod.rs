@@ -163,6 +163,9 @@ struct Daemon {
     bindings: Bindings,
     runs: Runs,
     records: Records,
+    /// How guard's programs are attached to each guarded cgroup, to notice
+    /// them detached or replaced (by cgroup id).
+    attachments: std::collections::HashMap<u64, crate::kernel::evidence::Attachments>,
     started: Instant,
     /// The daemon's own queue, for work it hands to blocking tasks.
     tx: Option<mpsc::Sender<Msg>>,
@@ -173,6 +176,13 @@ async fn start(mut config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>,
     let (mut kernel, generation) = generation::open(&config)?;
     let ring = kernel.take_events()?;
     kernel.attach_cgroup(&runs_dir, tree.runs_root_id)?;
+    {
+        use crate::kernel::{evidence::EvidenceMaps as _, unixhooks::socket_table};
+        kernel.set_unix_sockets(&socket_table(&config.resolver_sockets))?;
+        if !kernel.has_unix_hooks() {
+            tracing::warn!("this kernel has no Unix-socket hooks (Linux 6.7+): lookups through nscd or systemd-resolved's socket are not refused, and not seen");
+        }
+    }
 
     let bound = kernel.bindings()?;
     let highest = bound
@@ -198,6 +208,7 @@ async fn start(mut config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>,
         bindings,
         runs,
         records: Records::new(),
+        attachments: std::collections::HashMap::new(),
         started: Instant::now(),
         tx: None,
     };
@@ -389,6 +400,8 @@ impl Daemon {
     fn complete_run(&mut self, policy_id: u32, ring: &mut RingBuf<MapData>) {
         // Everything the run's processes did is in the ring now.
         self.drain(ring);
+        // A detach is permanent: this sees any since the last look.
+        self.check_attachments();
         self.runs
             .complete(policy_id, &mut self.kernel, &mut self.policies);
     }
@@ -400,11 +413,20 @@ impl Daemon {
             // The bound cgroups are read once per record, and only if a
             // chain has a process the kernel programs did not report.
             let bound = OnceCell::new();
-            let (tree, kernel) = (&self.tree, &self.kernel);
-            self.records.observe(&bytes, &self.policies, |pid| {
-                tree.already_guarded(pid, bound.get_or_init(|| bound_cgroup_ids(kernel)))
-                    .is_some()
-            });
+            let (tree, kernel, bindings) = (&self.tree, &self.kernel, &self.bindings);
+            self.records.observe(
+                &bytes,
+                &self.policies,
+                |pid| {
+                    tree.already_guarded(pid, bound.get_or_init(|| bound_cgroup_ids(kernel)))
+                        .is_some()
+                },
+                |policy_id| {
+                    bindings
+                        .cgroup_of_policy(policy_id)
+                        .and_then(crate::kernel::evidence::hierarchy_path)
+                },
+            );
             if let Some(policy_id) = policy_of(&bytes) {
                 self.runs.route(policy_id, &bytes);
             }
@@ -422,6 +444,49 @@ impl Daemon {
         self.bindings.refresh(&mut self.kernel, &self.tree);
         self.runs.remove_unowned_cgroups(&self.tree);
         self.records.forget_closed_subscribers();
+        self.check_attachments();
+    }
+
+    /// Notices guard's programs detached from (or replaced on) a guarded
+    /// cgroup, says so, and attaches them again. Runs in progress under a
+    /// tampered runs cgroup fail.
+    fn check_attachments(&mut self) {
+        let mut watched: Vec<(u64, PathBuf)> =
+            vec![(self.tree.runs_root_id, self.tree.runs_root.clone())];
+        watched.extend(
+            self.bindings
+                .iter()
+                .filter_map(|b| b.cgroup.as_ref().map(|(path, id)| (*id, path.clone()))),
+        );
+        self.attachments
+            .retain(|id, _| watched.iter().any(|(w, _)| w == id));
+        for (id, path) in watched {
+            let Ok(dir) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let Some(expected) = self.attachments.get(&id) else {
+                self.attachments.insert(id, self.kernel.attachments(&dir));
+                continue;
+            };
+            let missing = expected.missing(&dir);
+            if missing.is_empty() {
+                continue;
+            }
+            tracing::error!(
+                target: "guard::evidence",
+                cgroup = %path.display(),
+                missing = %missing.join("; "),
+                "guard's programs were detached or replaced; attaching them again"
+            );
+            if id == self.tree.runs_root_id {
+                self.runs.mark_detached(&missing);
+            }
+            self.kernel.detach_cgroup(id);
+            if let Err(e) = self.kernel.attach_cgroup(&dir, id) {
+                tracing::error!(cgroup = %path.display(), error = %e, "cannot attach guard's programs again");
+            }
+            self.attachments.insert(id, self.kernel.attachments(&dir));
+        }
     }
 
     fn bound_cgroup_ids(&self) -> HashSet<u64> {
@@ -484,7 +549,7 @@ impl Daemon {
         let config = Config::load(&self.config.path).map_err(|e| e.to_string())?;
         let mut notes = String::new();
         if config.restart_only_settings() != self.config.restart_only_settings() {
-            notes = " (socket, pin_dir, runs_cgroup, metrics_address, dns_ports and capacities change only on restart)".into();
+            notes = " (socket, pin_dir, runs_cgroup, metrics_address, dns_ports, resolver_sockets and capacities change only on restart)".into();
         }
         let Config { bindings, .. } = config;
         let count = bindings.len();

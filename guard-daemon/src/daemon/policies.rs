@@ -11,11 +11,11 @@ use std::{
     sync::Arc,
 };
 
-use guard_common::maps::Counter;
+use guard_common::{evidence::EvidenceSettings, maps::Counter};
 
 use crate::{
     error::Result,
-    kernel::{KernelMaps as _, Pinned},
+    kernel::{evidence::EvidenceMaps as _, KernelMaps as _, Pinned},
     policy::{Mode, RuleSet},
     report::Counters,
 };
@@ -70,15 +70,24 @@ impl PolicyIds {
     pub fn install(&mut self, kernel: &mut Pinned, info: PolicyInfo) -> Result<u32> {
         let id = self.allocate();
         let rules = info.rules.clone();
-        let installed = kernel.add_policy_counters(id).and_then(|()| match &rules {
-            Some(rules) => kernel.install_rules(id, rules.entries()),
-            None => Ok(()),
-        });
+        let settings = EvidenceSettings {
+            enforce: u8::from(info.mode == Mode::Enforce),
+            allow_raw_sockets: u8::from(rules.as_ref().is_some_and(|r| r.allow_raw_sockets())),
+            _pad: [0; 6],
+        };
+        let installed = kernel
+            .add_policy_counters(id)
+            .and_then(|()| kernel.set_evidence_settings(id, settings))
+            .and_then(|()| match &rules {
+                Some(rules) => kernel.install_rules(id, rules.entries()),
+                None => Ok(()),
+            });
         if let Err(e) = installed {
             if let Some(rules) = &rules {
                 let _ = kernel.remove_rules(id, rules.entries());
             }
             kernel.remove_policy_counters(id);
+            kernel.forget_evidence(id);
             return Err(e);
         }
         self.live.insert(id, info);
@@ -125,6 +134,7 @@ impl PolicyIds {
             }
         }
         kernel.remove_policy_counters(id);
+        kernel.forget_evidence(id);
     }
 
     /// Removes an id whose binding never happened (a failed start): no
@@ -134,6 +144,7 @@ impl PolicyIds {
             let _ = kernel.remove_rules(id, rules.entries());
         }
         kernel.remove_policy_counters(id);
+        kernel.forget_evidence(id);
     }
 
     /// Counters of every label, live and retired, for the metrics.

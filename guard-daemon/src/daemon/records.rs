@@ -13,10 +13,12 @@ use super::policies::PolicyIds;
 use crate::{
     api::{Frame, Reply},
     kernel::{
+        evidence::{kill_task, Evidence},
         records::{decode, DnsQuery, Record},
         sockdiag,
     },
-    report::{chains::ProcessTable, Clock, EventRecord},
+    policy::Mode,
+    report::{chains::ProcessTable, evidence::EvidencePolicy, Clock, EventRecord},
 };
 
 /// Events kept for `guard events` without `--follow`.
@@ -45,7 +47,15 @@ impl Records {
 
     /// Takes in one raw record. `guarded(pid)` says whether a process the
     /// kernel programs never reported may be looked up in /proc for a chain.
-    pub fn observe(&mut self, bytes: &[u8], policies: &PolicyIds, guarded: impl Fn(u32) -> bool) {
+    /// `guarded_path(policy id)`: the bound cgroup's path in the hierarchy,
+    /// to tell a move within it from an escape.
+    pub fn observe(
+        &mut self,
+        bytes: &[u8],
+        policies: &PolicyIds,
+        guarded: impl Fn(u32) -> bool,
+        guarded_path: impl Fn(u32) -> Option<String>,
+    ) {
         match decode(bytes) {
             Some(Record::Exec {
                 tid, path, args, ..
@@ -62,6 +72,10 @@ impl Records {
                 self.procs.on_fork(parent, child, comm)
             }
             Some(Record::Dns(query)) => self.on_query(&query, policies, guarded),
+            Some(Record::Evidence(evidence)) => {
+                let path = guarded_path(evidence.policy_id);
+                self.on_evidence(&evidence, policies, guarded, path)
+            }
             None => tracing::warn!("undecodable event record"),
         }
     }
@@ -80,6 +94,78 @@ impl Records {
 
     pub fn forget_closed_subscribers(&mut self) {
         self.subscribers.retain(|s| !s.is_closed());
+    }
+
+    /// Logs evidence (escapes, sockets, tampering) and passes it to `guard
+    /// events`. In a bound cgroup in enforce mode, a task moved out by
+    /// another process is killed here (a run's client does it for a run).
+    fn on_evidence(
+        &mut self,
+        evidence: &Evidence,
+        policies: &PolicyIds,
+        guarded: impl Fn(u32) -> bool,
+        guarded_path: Option<String>,
+    ) {
+        let info = policies.get(evidence.policy_id);
+        let decide = EvidencePolicy {
+            enforce: info.is_none_or(|i| i.mode == Mode::Enforce),
+            allow_raw_sockets: info
+                .and_then(|i| i.rules.as_ref())
+                .is_some_and(|r| r.allow_raw_sockets()),
+            guarded_path,
+            own_executable: std::env::current_exe().ok(),
+        };
+        let chain = self.procs.chain_within(evidence.subject, guarded);
+        let Some(mut entry) = decide.entry(evidence, chain, &self.clock) else {
+            return;
+        };
+        let (kind, label, target) = info.map_or(("unknown", "", ""), |i| {
+            (i.kind, i.label.as_str(), i.target.as_str())
+        });
+        if kind != "run" && entry.escaped_alive() && kill_task(evidence.subject) {
+            entry.action = "killed".into();
+        }
+        if entry.verdict != "noted" {
+            tracing::warn!(
+                target: "guard::evidence",
+                kind = %entry.kind,
+                detail = %entry.detail,
+                action = %entry.action,
+                verdict = %entry.verdict,
+                binding = kind,
+                policy = label,
+                guarded = target,
+                pid = entry.pid,
+                chain = %entry.line(),
+                "a way around the DNS guard"
+            );
+        }
+        let mut value = serde_json::to_value(&entry).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("evidence".into(), true.into());
+            object.insert("binding".into(), kind.into());
+            object.insert("policy".into(), label.into());
+            object.insert("guarded".into(), target.into());
+        }
+        self.publish(value);
+    }
+
+    fn publish(&mut self, value: serde_json::Value) {
+        if self.recent.len() >= RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(value.clone());
+        if !self.subscribers.is_empty() {
+            let frame = Frame::json(&Reply::Event(Box::new(value)));
+            self.subscribers.retain(|sink| {
+                // A subscriber that cannot keep up misses events; a closed
+                // one is forgotten.
+                !matches!(
+                    sink.try_send(frame.clone()),
+                    Err(mpsc::error::TrySendError::Closed(_))
+                )
+            });
+        }
     }
 
     /// Logs a reported query (one structured record per blocked call) and
@@ -109,21 +195,7 @@ impl Records {
             object.insert("policy".into(), label.into());
             object.insert("guarded".into(), target.into());
         }
-        if self.recent.len() >= RECENT_EVENTS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(value.clone());
-        if !self.subscribers.is_empty() {
-            let frame = Frame::json(&Reply::Event(Box::new(value)));
-            self.subscribers.retain(|sink| {
-                // A subscriber that cannot keep up misses events; a closed
-                // one is forgotten.
-                !matches!(
-                    sink.try_send(frame.clone()),
-                    Err(mpsc::error::TrySendError::Closed(_))
-                )
-            });
-        }
+        self.publish(value);
     }
 }
 

@@ -17,7 +17,10 @@ use std::{
     time::Instant,
 };
 
-use guard_common::maps::{Binding, Counter};
+use guard_common::{
+    evidence::EvidenceSettings,
+    maps::{Binding, Counter},
+};
 use tokio::sync::mpsc;
 
 use super::{
@@ -29,6 +32,7 @@ use crate::{
     kernel::{
         self,
         cgroup::{remove_cgroup_tree, run_cgroup_name, run_owner, RunCgroup},
+        evidence::EvidenceMaps as _,
         KernelMaps as _, Pinned,
     },
     policy::{compile, Mode, Policy, RuleSet},
@@ -54,6 +58,8 @@ pub(super) struct RunSession {
     ending: bool,
     /// Send the totals to the client once the run has ended.
     send_totals: bool,
+    /// guard's programs found detached from the runs cgroup during the run.
+    detached: Vec<String>,
 }
 
 impl RunSession {
@@ -151,6 +157,7 @@ impl Runs {
                             stats_at_start: None,
                             ending: false,
                             send_totals: false,
+                            detached: Vec::new(),
                         },
                     );
                 }
@@ -232,6 +239,19 @@ impl Runs {
                 return Err(e.into());
             }
         };
+        // As a standalone run decides it (see run::evidence_enforced).
+        let enforce = !request.audit
+            && (rules.rules().is_empty() || rules.rules().iter().any(|r| r.mode == Mode::Enforce));
+        let settings = EvidenceSettings {
+            enforce: u8::from(enforce),
+            allow_raw_sockets: u8::from(request.allow_raw_sockets || rules.allow_raw_sockets()),
+            _pad: [0; 6],
+        };
+        if let Err(e) = kernel.set_evidence_settings(policy_id, settings) {
+            let _ = cgroup.remove();
+            policies.discard(kernel, policy_id);
+            return Err(e.into());
+        }
         let bound = kernel.bind(
             cgroup.id(),
             Binding {
@@ -259,6 +279,7 @@ impl Runs {
                 stats_at_start: kernel.egress_stats(),
                 ending: false,
                 send_totals: false,
+                detached: Vec::new(),
             },
         );
         tracing::debug!(cgroup = %path.display(), policy_id, client = client_pid, "run started");
@@ -347,6 +368,14 @@ impl Runs {
                 events_lost: counters.values[Counter::EventsLost as usize] + session.dropped,
                 seen,
                 program_stats,
+                evidence: kernel.evidence_counts(policy_id).to_vec(),
+                detached: session.detached.clone(),
+                resolver_socket_hooks: if kernel.has_unix_hooks() {
+                    "active".into()
+                } else {
+                    "unavailable: the daemon's programs have no Unix-socket hooks (Linux 6.7+)"
+                        .into()
+                },
             };
             // Sent with `send` semantics on a full queue would block the
             // daemon; the totals get a slot of their own instead.
@@ -415,6 +444,14 @@ impl Runs {
 
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// guard's programs were found detached from the runs cgroup: every
+    /// run in progress was unguarded for a moment, and fails.
+    pub fn mark_detached(&mut self, missing: &[String]) {
+        for session in self.sessions.values_mut() {
+            session.detached.extend(missing.iter().cloned());
+        }
     }
 
     /// (policy id, session), in id order.

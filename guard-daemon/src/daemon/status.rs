@@ -1,8 +1,6 @@
 //! Answers about the daemon's state: `guard status` and the metrics.
 //! Read-only: nothing here changes the kernel or the daemon.
-use guard_common::maps::{
-    Counter, PROGRAM_DNS_EGRESS, PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK,
-};
+use guard_common::maps::{Counter, PROGRAM_DNS_EGRESS};
 
 use super::{metrics, Daemon};
 use crate::{
@@ -63,19 +61,27 @@ impl Daemon {
             attached_to: format!("{} cgroup(s)", self.kernel.attached_cgroups().len()),
             verified_instructions: self.kernel.egress_instructions(),
         }];
-        for (name, event) in [
-            (PROGRAM_EXEC_ENTER, "syscalls/sys_enter_execve"),
-            (PROGRAM_EXEC_EXIT, "syscalls/sys_exit_execve"),
-            (PROGRAM_FORK, "sched/sched_process_fork"),
-        ] {
+        for (name, category, event) in crate::kernel::programs::tracepoints() {
             programs.push(ProgramStatus {
                 name: name.into(),
-                attached_to: format!("tracepoint {event}"),
+                attached_to: format!("tracepoint {category}/{event}"),
+                verified_instructions: None,
+            });
+        }
+        for (name, _) in crate::kernel::unixhooks::UNIX_HOOKS {
+            programs.push(ProgramStatus {
+                name: name.into(),
+                attached_to: if self.kernel.has_unix_hooks() {
+                    format!("{} cgroup(s)", self.kernel.attached_cgroups().len())
+                } else {
+                    "unavailable: this kernel has no Unix-socket hooks (Linux 6.7+)".into()
+                },
                 verified_instructions: None,
             });
         }
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
+            object: crate::kernel::object_fingerprint(),
             pid: std::process::id(),
             uptime_seconds: self.started.elapsed().as_secs(),
             generation: self.generation.clone(),

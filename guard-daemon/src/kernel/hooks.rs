@@ -1,6 +1,8 @@
 //! Where guard's programs attach: three on every guarded cgroup (DNS
 //! egress, DNS ingress, sock_ops), three on the sockhash of the cgroups'
-//! DNS connections (the stream programs), three tracepoints.
+//! DNS connections (the stream programs), and the tracepoints (process
+//! tracking, escapes). The Unix-socket hooks, which aya cannot load, are in
+//! [`super::unixhooks`].
 use std::os::fd::AsFd;
 
 use aya::{
@@ -13,7 +15,10 @@ use guard_common::maps::{
     PROGRAM_STREAM_PARSE, PROGRAM_STREAM_SEND, SOCKETS,
 };
 
-use super::programs::program;
+use super::{
+    bpfsys::{BPF_CGROUP_INET_EGRESS, BPF_CGROUP_INET_INGRESS, BPF_CGROUP_SOCK_OPS},
+    programs::program,
+};
 use crate::error::{Error, Result};
 
 /// A program attached to every guarded cgroup.
@@ -32,6 +37,16 @@ impl CgroupHook {
             CgroupHook::Egress => PROGRAM_DNS_EGRESS,
             CgroupHook::Ingress => PROGRAM_DNS_INGRESS,
             CgroupHook::SockOps => PROGRAM_SOCK_OPS,
+        }
+    }
+
+    /// The kernel's attach type (`BPF_CGROUP_*`), as `BPF_PROG_QUERY` lists
+    /// attachments.
+    pub const fn attach_type(self) -> u32 {
+        match self {
+            CgroupHook::Egress => BPF_CGROUP_INET_EGRESS,
+            CgroupHook::Ingress => BPF_CGROUP_INET_INGRESS,
+            CgroupHook::SockOps => BPF_CGROUP_SOCK_OPS,
         }
     }
 
@@ -75,6 +90,14 @@ impl CgroupHook {
     }
 }
 
+/// (attach type, program id) of loaded cgroup programs, to check later
+/// that they are still attached.
+pub fn attached_ids<'a>(hooks: impl Iterator<Item = (CgroupHook, &'a Program)>) -> Vec<(u32, u32)> {
+    hooks
+        .filter_map(|(hook, program)| Some((hook.attach_type(), program.info().ok()?.id())))
+        .collect()
+}
+
 /// Loads every program of the object with its type's attach point.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, program) in ebpf.programs_mut() {
@@ -87,7 +110,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
             PROGRAM_STREAM_ANSWER,
         ]
         .into_iter()
-        .chain(super::programs::TRACEPOINT_PROGRAMS)
+        .chain(super::programs::tracepoints().map(|(name, _, _)| name))
         .find(|known| *known == name)
         {
             Some(known) => known,

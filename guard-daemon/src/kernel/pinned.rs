@@ -9,22 +9,39 @@ use aya::{
     maps::{Map, MapData, RingBuf},
     programs::{links::PinnedLink, CgroupSkb, CgroupSkbAttachType, Program, SockOps},
 };
-use guard_common::maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, RULES, SEEN};
+use guard_common::{
+    evidence::{EVIDENCE_COUNTERS, EVIDENCE_SETTINGS, TRACKED, UNIX_SOCKETS},
+    maps::{BINDINGS, COUNTERS, EVENTS, POLICY_COUNTERS, RULES, SEEN},
+};
 
 use super::{
-    hooks::CgroupHook,
+    bpfsys,
+    evidence::Attachments,
+    hooks::{attached_ids, CgroupHook},
     kernelfs::mount_kernel_fs,
     maps::KernelMaps,
     programs::{egress_stats, generation, LoadOptions, Programs},
+    unixhooks::{UnixHooks, UNIX_HOOKS},
 };
 use crate::error::{Error, Result};
 
 /// Maps the daemon keeps pinned (the scratch maps live as long as the
 /// program that uses them, which is pinned too).
-pub(super) const PINNED_MAPS: [&str; 6] =
-    [BINDINGS, RULES, EVENTS, COUNTERS, POLICY_COUNTERS, SEEN];
+pub(super) const PINNED_MAPS: [&str; 10] = [
+    BINDINGS,
+    RULES,
+    EVENTS,
+    COUNTERS,
+    POLICY_COUNTERS,
+    SEEN,
+    TRACKED,
+    EVIDENCE_COUNTERS,
+    EVIDENCE_SETTINGS,
+    UNIX_SOCKETS,
+];
 
-/// Prefix of the pin of a cgroup's program link; the cgroup id follows.
+/// Prefix of the pins of a cgroup's program links:
+/// `link_cgroup_<cgroup id>_<hook>`.
 const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
 
 /// The daemon's copy of the object, pinned in `<root>/<generation>/`. The
@@ -36,6 +53,8 @@ pub struct Pinned {
     maps: std::collections::HashMap<&'static str, Map>,
     /// The cgroup programs, in [`CgroupHook::ALL`] order.
     hooks: Vec<(CgroupHook, Program)>,
+    /// None when the generation was loaded on a kernel without them.
+    unix: Option<UnixHooks>,
 }
 
 impl Pinned {
@@ -101,6 +120,7 @@ impl Pinned {
             dir: dir.to_owned(),
             maps,
             hooks,
+            unix: UnixHooks::from_pins(dir),
         })
     }
 
@@ -124,45 +144,96 @@ impl Pinned {
         })
     }
 
-    fn link_path(&self, cgroup_id: u64, hook: CgroupHook) -> PathBuf {
-        self.dir.join(format!(
-            "{CGROUP_LINK_PREFIX}{cgroup_id}_{}",
-            hook.link_suffix()
-        ))
+    /// Where the link of a cgroup's hook (`egress`, `unix_connect`, ...) is
+    /// pinned.
+    fn link_path(&self, cgroup_id: u64, hook: &str) -> PathBuf {
+        self.dir
+            .join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}_{hook}"))
     }
 
-    /// Attaches the DNS programs to a cgroup with pinned links, unless they
-    /// are pinned for it already. On failure none stays attached.
+    /// Attaches the DNS programs and the Unix-socket hooks to a cgroup with
+    /// pinned links, unless they are pinned for it already. On failure none
+    /// stays attached.
     pub fn attach_cgroup(&mut self, cgroup: &fs::File, cgroup_id: u64) -> Result<()> {
         let mut made: Vec<PathBuf> = Vec::new();
+        let attached = self
+            .attach_dns_hooks(cgroup, cgroup_id, &mut made)
+            .and_then(|()| self.attach_unix_hooks(cgroup, cgroup_id, &mut made));
+        if attached.is_err() {
+            for path in made {
+                unpin(&path);
+            }
+        }
+        attached
+    }
+
+    fn attach_dns_hooks(
+        &mut self,
+        cgroup: &fs::File,
+        cgroup_id: u64,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<()> {
         for index in 0..self.hooks.len() {
             let hook = self.hooks[index].0;
-            let path = self.link_path(cgroup_id, hook);
+            let path = self.link_path(cgroup_id, hook.link_suffix());
             if path.exists() {
                 continue;
             }
-            let attached = hook
-                .attach(&mut self.hooks[index].1, cgroup)
-                .and_then(|link| {
-                    link.pin(&path)
-                        .map(drop)
-                        .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))
-                });
-            if let Err(e) = attached {
-                for path in made {
-                    unpin(&path);
-                }
-                return Err(e);
-            }
+            let link = hook.attach(&mut self.hooks[index].1, cgroup)?;
+            link.pin(&path)
+                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
             made.push(path);
         }
         Ok(())
     }
 
-    /// Detaches the DNS programs from a cgroup (removing the pins is the
+    /// Links the Unix-socket hooks to a cgroup with pinned links.
+    fn attach_unix_hooks(
+        &self,
+        cgroup: &fs::File,
+        cgroup_id: u64,
+        made: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let Some(unix) = &self.unix else {
+            return Ok(());
+        };
+        for (name, _) in UNIX_HOOKS {
+            let path = self.link_path(cgroup_id, name);
+            if path.exists() {
+                continue;
+            }
+            let link = unix
+                .attach_one(name, cgroup.as_fd())
+                .map_err(Error::io(format!("attaching {name}")))?;
+            bpfsys::pin(link.as_fd(), &path)
+                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+            made.push(path);
+        }
+        Ok(())
+    }
+
+    /// Whether this generation has the Unix-socket hooks.
+    pub fn has_unix_hooks(&self) -> bool {
+        self.unix.is_some()
+    }
+
+    /// Records how guard's programs are attached to a cgroup now, to
+    /// notice later if they are detached or replaced.
+    pub fn attachments(&self, cgroup: &fs::File) -> Attachments {
+        use std::os::fd::AsFd as _;
+        let mut programs = attached_ids(self.hooks.iter().map(|(hook, program)| (*hook, program)));
+        if let Some(unix) = &self.unix {
+            programs.extend(unix.ids());
+        }
+        Attachments::record(cgroup.as_fd(), &programs)
+    }
+
+    /// Detaches guard's programs from a cgroup (removing the pins is the
     /// detach: nothing else holds the links).
     pub fn detach_cgroup(&self, cgroup_id: u64) {
-        for hook in CgroupHook::ALL {
+        let hooks = CgroupHook::ALL.map(CgroupHook::link_suffix);
+        for hook in hooks.into_iter().chain(UNIX_HOOKS.map(|(name, _)| name)) {
             unpin(&self.link_path(cgroup_id, hook));
         }
     }

@@ -1,11 +1,18 @@
 //! The kernel object and the programs of a standalone `guard run`: loaded,
 //! verified and attached for one run, gone with guard's descriptors.
-use std::{any::Any, os::fd::AsFd, path::Path};
+use std::{
+    any::Any,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+};
 
 use aya::{
     maps::{Map, MapData, RingBuf},
     programs::{links::FdLink, trace_point::TracePointLinkId, CgroupSkb, TracePoint},
     Ebpf, EbpfLoader,
+};
+use guard_common::evidence::{
+    ESCAPE_TRACEPOINTS, GLOBAL_UNIX_UADDRLEN_OFFSET, GLOBAL_UNIX_UADDR_OFFSET,
 };
 use guard_common::maps::{
     BINDINGS, EVENTS, GLOBAL_DNS_PORTS, GLOBAL_FORK_CHILD_PID_OFFSET, MAX_DNS_PORTS,
@@ -14,10 +21,11 @@ use guard_common::maps::{
 };
 
 use super::{
-    hooks::{attach_streams, load_programs, CgroupHook},
+    hooks::{attach_streams, attached_ids, load_programs, CgroupHook},
     kernelfs::{ensure_tracefs, fork_child_pid_offset},
     maps::KernelMaps,
     pinned::PINNED_MAPS,
+    unixhooks::{sock_addr_offsets, UnixHooks},
 };
 use crate::error::{Error, Result};
 
@@ -35,8 +43,18 @@ pub struct LoadOptions<'a> {
     pub policy_capacity: u32,
 }
 
-/// The tracepoint programs (process tracking).
-pub const TRACEPOINT_PROGRAMS: [&str; 3] = [PROGRAM_EXEC_ENTER, PROGRAM_EXEC_EXIT, PROGRAM_FORK];
+/// The process trackers: (program, tracepoint category, event).
+pub const PROCESS_TRACEPOINTS: [(&str, &str, &str); 3] = [
+    (PROGRAM_EXEC_ENTER, "syscalls", "sys_enter_execve"),
+    (PROGRAM_EXEC_EXIT, "syscalls", "sys_exit_execve"),
+    (PROGRAM_FORK, "sched", "sched_process_fork"),
+];
+
+/// Every tracepoint program: the process trackers, then the escape
+/// tracepoints.
+pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    PROCESS_TRACEPOINTS.into_iter().chain(ESCAPE_TRACEPOINTS)
+}
 
 /// Loaded, verified programs and their maps. Dropping it detaches and
 /// unloads everything (nothing is pinned).
@@ -46,6 +64,10 @@ pub struct Programs {
     cgroup_links: Vec<FdLink>,
     /// The stream programs' attachments to the sockhash.
     stream_attachments: Vec<Box<dyn Any>>,
+    /// The Unix-socket hooks, or why this kernel has none.
+    unix: std::result::Result<UnixHooks, String>,
+    /// Links of the Unix-socket hooks to cgroups (detached on drop).
+    unix_links: Vec<OwnedFd>,
 }
 
 impl Programs {
@@ -63,7 +85,12 @@ impl Programs {
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset()?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))? as u32;
+        let unix_offsets = sock_addr_offsets();
+        // Defaults for the layout of 6.7+; unused when the hooks are absent.
+        let (uaddr, uaddrlen) = unix_offsets.clone().unwrap_or((8, 32));
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_UNIX_UADDR_OFFSET, &uaddr, true)
+            .override_global(GLOBAL_UNIX_UADDRLEN_OFFSET, &uaddrlen, true)
             .override_global(GLOBAL_DNS_PORTS, &ports, true)
             .override_global(GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .map_max_entries(RULES, options.rule_capacity.max(1))
@@ -77,23 +104,23 @@ impl Programs {
         tracing::debug!(elapsed = ?t.elapsed(), "object loaded (maps created)");
         load_programs(&mut ebpf)?;
         tracing::debug!(elapsed = ?t.elapsed(), "programs verified");
+        let unix = unix_offsets.and_then(|_| UnixHooks::load(&ebpf, OBJECT));
+        tracing::debug!(elapsed = ?t.elapsed(), unix_hooks = unix.is_ok(), "Unix-socket hooks verified");
         let stream_attachments = attach_streams(&mut ebpf)?;
         Ok(Programs {
             ebpf,
             tracepoint_links: Vec::new(),
             cgroup_links: Vec::new(),
             stream_attachments,
+            unix,
+            unix_links: Vec::new(),
         })
     }
 
-    /// Attaches the process trackers. They fire host-wide but return at once
-    /// for processes outside guarded cgroups.
+    /// Attaches the process trackers and the escape tracepoints. They fire
+    /// host-wide but return at once for processes outside guarded cgroups.
     pub fn attach_tracepoints(&mut self) -> Result<()> {
-        for (name, category, event) in [
-            (PROGRAM_EXEC_ENTER, "syscalls", "sys_enter_execve"),
-            (PROGRAM_EXEC_EXIT, "syscalls", "sys_exit_execve"),
-            (PROGRAM_FORK, "sched", "sched_process_fork"),
-        ] {
+        for (name, category, event) in tracepoints() {
             let tracepoint: &mut TracePoint = program(&mut self.ebpf, name)?;
             let link = tracepoint
                 .attach(category, event)
@@ -112,7 +139,33 @@ impl Programs {
             self.cgroup_links
                 .push(hook.attach(program, cgroup.as_fd())?);
         }
+        if let Ok(unix) = &self.unix {
+            let links = unix
+                .attach(cgroup.as_fd())
+                .map_err(Error::io("attaching the Unix-socket hooks"))?;
+            self.unix_links
+                .extend(links.into_iter().map(|(_, link)| link));
+        }
         Ok(())
+    }
+
+    /// The Unix-socket hooks, or why this kernel has none.
+    pub fn unix_hooks(&self) -> std::result::Result<&UnixHooks, &str> {
+        self.unix.as_ref().map_err(String::as_str)
+    }
+
+    /// (attach type, program id) of the programs [`Programs::attach_cgroup`]
+    /// attaches, to check later that they still are.
+    pub fn cgroup_programs(&self) -> Vec<(u32, u32)> {
+        let mut ids = attached_ids(
+            CgroupHook::ALL
+                .into_iter()
+                .filter_map(|hook| Some((hook, self.ebpf.program(hook.program())?))),
+        );
+        if let Ok(unix) = &self.unix {
+            ids.extend(unix.ids());
+        }
+        ids
     }
 
     /// The ring buffer, taken out of the object to be read on its own.
@@ -189,6 +242,10 @@ impl Programs {
             program
                 .pin(dir.join(format!("prog_{name}")))
                 .map_err(pin_error(name.into()))?;
+        }
+        if let Ok(unix) = &self.unix {
+            unix.pin_into(dir)
+                .map_err(|e| Error::Pin("the Unix-socket hooks".into(), e.to_string()))?;
         }
         // The stream programs stay attached to the sockhash for as long as
         // it lives (the pinned sock_ops program holds it): forgetting the

@@ -3,9 +3,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use guard_common::{
     event::{
-        DnsEvent, EventKind, ExecEvent, ExecResultEvent, ForkEvent, Unreadable, Verdict,
-        DIRECTION_ANSWER, FAMILY_IPV4, SECTION_ADDITIONAL, SECTION_ANSWER, SECTION_AUTHORITY,
-        TRANSPORT_TCP,
+        DnsEvent, EventKind, EvidenceEvent, ExecEvent, ExecResultEvent, ForkEvent, Unreadable,
+        Verdict, DIRECTION_ANSWER, FAMILY_IPV4, SECTION_ADDITIONAL, SECTION_ANSWER,
+        SECTION_AUTHORITY, TRANSPORT_TCP,
     },
     matching::wire_labels,
 };
@@ -154,6 +154,7 @@ pub enum Record {
         child: u32,
         comm: String,
     },
+    Evidence(super::evidence::Evidence),
 }
 
 /// Reads a `#[repr(C)]` record out of ring-buffer bytes.
@@ -174,6 +175,9 @@ pub fn policy_of(bytes: &[u8]) -> Option<u32> {
             read_record::<ExecResultEvent>(bytes).map(|e| e.policy_id)
         }
         k if k == EventKind::Fork as u8 => read_record::<ForkEvent>(bytes).map(|e| e.policy_id),
+        k if k == EventKind::Evidence as u8 => {
+            read_record::<EvidenceEvent>(bytes).map(|e| e.policy_id)
+        }
         _ => None,
     }
 }
@@ -210,6 +214,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             child: e.child_pid,
             comm: c_string(&e.comm),
         }),
+        k if k == EventKind::Evidence as u8 => read_record::<EvidenceEvent>(bytes)
+            .and_then(|e| super::evidence::Evidence::decode(&e))
+            .map(Record::Evidence),
         _ => None,
     }
 }
@@ -327,7 +334,7 @@ fn name_text(name: &Name) -> String {
     display_name(&labels)
 }
 
-fn c_string(bytes: &[u8]) -> String {
+pub(super) fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }

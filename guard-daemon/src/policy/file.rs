@@ -26,6 +26,10 @@ struct PolicyFile {
     deny: Vec<String>,
     #[serde(default)]
     allow: Vec<String>,
+    /// Packet and raw sockets are expected (a tool that needs them): they
+    /// are still reported, but neither killed nor failing the run.
+    #[serde(default)]
+    allow_raw_sockets: bool,
 }
 
 impl Policy {
@@ -83,6 +87,7 @@ impl Policy {
             mode: file.mode,
             source: Some(path.to_owned()),
             rules,
+            allow_raw_sockets: file.allow_raw_sockets,
         })
     }
 
@@ -112,6 +117,7 @@ impl Policy {
             mode: Mode::Enforce,
             source: None,
             rules,
+            allow_raw_sockets: false,
         })
     }
 }
@@ -274,7 +280,7 @@ mod tests {
 
     #[test]
     fn unknown_key_and_syntax_errors_have_locations() {
-        assert_eq!(error("name: db\ndenny:\n  - a\n"), "p.yaml:2: unknown field `denny`, expected one of `name`, `description`, `mode`, `deny`, `allow`");
+        assert_eq!(error("name: db\ndenny:\n  - a\n"), "p.yaml:2: unknown field `denny`, expected one of `name`, `description`, `mode`, `deny`, `allow`, `allow_raw_sockets`");
         let e = error("name: db\ndeny: [a\n");
         assert!(e.starts_with("p.yaml:3: "), "{e}");
         assert!(error("deny: []\n").contains("missing field `name`"));

@@ -10,6 +10,7 @@
 //!   - "*.frontend.internal"
 //! allow:
 //!   - status.frontend.internal
+//! allow_raw_sockets: false   # true: packet/raw sockets reported, not failing
 //! ```
 //!
 //! - [`file`]: reading and validating a policy file (and `--deny`/`--allow`);
@@ -118,4 +119,6 @@ pub struct Policy {
     pub mode: Mode,
     pub source: Option<PathBuf>,
     pub rules: Vec<Rule>,
+    /// `allow_raw_sockets: true`: packet and raw sockets are expected.
+    pub allow_raw_sockets: bool,
 }

@@ -16,6 +16,7 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     entries: HashMap<u64, RuleEntry>,
     label_mask: u64,
+    allow_raw_sockets: bool,
 }
 
 impl RuleSet {
@@ -90,7 +91,15 @@ impl RuleSet {
             rules,
             entries,
             label_mask,
+            // One policy that expects packet or raw sockets is enough: it
+            // was written for the tool that opens them.
+            allow_raw_sockets: policies.iter().any(|p| p.allow_raw_sockets),
         })
+    }
+
+    /// Whether a policy expects packet and raw sockets.
+    pub fn allow_raw_sockets(&self) -> bool {
+        self.allow_raw_sockets
     }
 
     pub fn rules(&self) -> &[Rule] {

@@ -1,6 +1,8 @@
 //! What a run tells its user: a line per event as it happens, a summary on
 //! stderr when the command exits, and the JSON report (`--report`).
 pub mod chains;
+pub mod evidence;
+pub mod hosts;
 pub mod inventory;
 pub mod render;
 
@@ -298,6 +300,22 @@ pub struct Report {
     /// cgroup sent), present when `kernel.bpf_stats_enabled` was 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program_stats: Option<ProgramStats>,
+    /// Ways around the DNS hooks the run took or tried: escapes from its
+    /// cgroup, packet and raw sockets, changes to guard's programs, and the
+    /// resolver-daemon connections refused.
+    #[serde(default)]
+    pub evidence: Vec<evidence::EvidenceEntry>,
+    /// Evidence the kernel counted whose record never arrived (the ring
+    /// buffer was full); it fails the run like the evidence itself.
+    #[serde(default)]
+    pub evidence_lost: u64,
+    /// Hosts-file entries for denied names (lookups that bypass DNS).
+    #[serde(default)]
+    pub hosts_entries: Vec<hosts::HostsEntry>,
+    /// `active`, or why connections to local resolver daemons (nscd,
+    /// systemd-resolved) are not refused on this host.
+    #[serde(default)]
+    pub resolver_socket_hooks: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Copy)]

@@ -9,7 +9,7 @@ use quick_xml::escape::escape;
 use crate::{
     kernel::records::Direction,
     policy::Mode,
-    report::{EventRecord, Report, RuleRef},
+    report::{chains::ChainLink, EventRecord, Report, RuleRef},
 };
 
 /// Every event of one (verdict, name), in arrival order.
@@ -155,7 +155,105 @@ pub fn text(report: &Report, color: bool) -> String {
         }
         let _ = writeln!(out, "      first at {}", group.first().time);
     }
+    for item in evidence_lines(report) {
+        let label = if item.fails {
+            paint("1;31", item.label)
+        } else {
+            paint("1;33", item.label)
+        };
+        let _ = writeln!(out, "  {label} {}", item.text);
+        if let Some(chain) = &item.chain {
+            let _ = writeln!(out, "      from: {chain}");
+        }
+    }
     out
+}
+
+/// One line of evidence (or a hosts entry) in a rendering.
+pub struct EvidenceLine<'a> {
+    pub label: &'static str,
+    pub text: String,
+    pub chain: Option<String>,
+    pub fails: bool,
+    pub kind: &'a str,
+}
+
+/// The report's evidence and hosts entries as lines, failing ones first.
+pub fn evidence_lines(report: &Report) -> Vec<EvidenceLine<'_>> {
+    let mut lines = Vec::new();
+    for entry in &report.evidence {
+        let fails = entry.fails(report.fail_on_block);
+        let label = match (entry.kind.as_str(), fails) {
+            ("left-cgroup", true) => "ESCAPED",
+            ("left-cgroup", false) => "WOULD FAIL: ESCAPED",
+            ("detached", _) => "TAMPERED",
+            ("bpf", true) => "TAMPERING",
+            ("packet-socket" | "raw-socket", true) => "RAW SOCKET",
+            ("untracked", _) => "UNTRACKED",
+            _ if fails => "EVIDENCE",
+            _ => "NOTE",
+        };
+        let count = if entry.count > 1 {
+            format!(" ×{}", entry.count)
+        } else {
+            String::new()
+        };
+        let who = if entry.pid == 0 {
+            String::new()
+        } else {
+            format!(" [{} {}]", entry.comm, entry.pid)
+        };
+        let chain = (!entry.process_chain.is_empty()).then(|| {
+            entry
+                .process_chain
+                .iter()
+                .map(ChainLink::short)
+                .collect::<Vec<_>>()
+                .join(" → ")
+        });
+        lines.push(EvidenceLine {
+            label,
+            text: format!(
+                "{}: {}{count}{who} ({}, {})",
+                entry.kind, entry.detail, entry.action, entry.verdict
+            ),
+            chain,
+            fails,
+            kind: &entry.kind,
+        });
+    }
+    if report.evidence_lost > 0 {
+        lines.push(EvidenceLine {
+            label: "EVIDENCE LOST",
+            text: format!(
+                "{} evidence record(s) the kernel counted never arrived (ring buffer full); the run fails",
+                report.evidence_lost
+            ),
+            chain: None,
+            fails: report.mode == Mode::Enforce || report.fail_on_block,
+            kind: "lost",
+        });
+    }
+    for entry in &report.hosts_entries {
+        let fails = entry.verdict == "fails-run" || report.fail_on_block;
+        lines.push(EvidenceLine {
+            label: "HOSTS FILE",
+            text: format!(
+                "{}:{}: {} → {} matches {}: answered from the file, never a DNS query ({})",
+                entry.file, entry.line, entry.name, entry.address, entry.rule, entry.verdict
+            ),
+            chain: None,
+            fails,
+            kind: "hosts-entry",
+        });
+    }
+    lines.sort_by_key(|l| !l.fails);
+    lines
+}
+
+/// Failing evidence and hosts entries.
+pub fn failing_evidence(report: &Report) -> usize {
+    evidence_lines(report).iter().filter(|l| l.fails).count()
 }
 
 fn markdown_cell(text: &str) -> String {
@@ -218,6 +316,21 @@ pub fn markdown(report: &Report) -> String {
         }
         out.push('\n');
     }
+    let lines = evidence_lines(report);
+    if !lines.is_empty() {
+        let _ = writeln!(out, "| evidence | detail | process chain |");
+        let _ = writeln!(out, "| --- | --- | --- |");
+        for line in &lines {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                line.label,
+                markdown_cell(&line.text),
+                markdown_cell(line.chain.as_deref().unwrap_or(""))
+            );
+        }
+        out.push('\n');
+    }
     let _ = writeln!(out, "{}.", headline(report));
     out
 }
@@ -239,15 +352,43 @@ pub fn junit(report: &Report) -> String {
             None => suites.push((suite, vec![group])),
         }
     }
-    let total_failures = groups.iter().filter(|g| failing(g)).count();
-    let total_tests = groups.len().max(1);
+    let evidence: Vec<EvidenceLine<'_>> = evidence_lines(report)
+        .into_iter()
+        .filter(|l| l.fails)
+        .collect();
+    let total_failures = groups.iter().filter(|g| failing(g)).count() + evidence.len();
+    let total_tests = (groups.len() + evidence.len()).max(1);
     let seconds = report.duration_ms as f64 / 1000.0;
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         out,
         "<testsuites name=\"guard\" tests=\"{total_tests}\" failures=\"{total_failures}\" errors=\"0\" time=\"{seconds:.3}\">"
     );
-    if suites.is_empty() {
+    if !evidence.is_empty() {
+        let _ = writeln!(
+            out,
+            "  <testsuite name=\"guard-evidence\" tests=\"{n}\" failures=\"{n}\" errors=\"0\" skipped=\"0\" time=\"{seconds:.3}\" timestamp=\"{}\">",
+            escape(report.started_at.trim_end_matches('Z')),
+            n = evidence.len()
+        );
+        for line in &evidence {
+            let _ = writeln!(
+                out,
+                "    <testcase classname=\"guard.evidence\" name=\"{}\" time=\"0\">",
+                escape(line.kind)
+            );
+            let _ = writeln!(
+                out,
+                "      <failure message=\"{}\" type=\"{}\">{}</failure>",
+                escape(line.text.as_str()),
+                escape(line.kind),
+                escape(line.chain.as_deref().unwrap_or(""))
+            );
+            let _ = writeln!(out, "    </testcase>");
+        }
+        let _ = writeln!(out, "  </testsuite>");
+    }
+    if suites.is_empty() && evidence.is_empty() {
         let _ = writeln!(
             out,
             "  <testsuite name=\"guard\" tests=\"1\" failures=\"0\" errors=\"0\" skipped=\"0\" time=\"{seconds:.3}\" timestamp=\"{}\">",
@@ -362,6 +503,18 @@ pub fn github_annotations(report: &Report) -> Vec<String> {
                 escape_data(&message)
             )
         })
+        .chain(evidence_lines(report).into_iter().map(|line| {
+            let level = if line.fails { "error" } else { "notice" };
+            let mut message = line.text.clone();
+            if let Some(chain) = &line.chain {
+                message.push_str(&format!("\nprocess chain: {chain}"));
+            }
+            format!(
+                "::{level} title={}::{}",
+                escape_property(&format!("guard: {}", line.label.to_lowercase())),
+                escape_data(&message)
+            )
+        }))
         .collect()
 }
 
@@ -432,6 +585,10 @@ mod tests {
             events_omitted: 0,
             counters: Counters::default(),
             program_stats: None,
+            evidence: vec![],
+            evidence_lost: 0,
+            hosts_entries: vec![],
+            resolver_socket_hooks: "active".into(),
         }
     }
 

@@ -12,7 +12,10 @@ use super::{exit_code_of, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_SE
 use crate::{
     api::RunTotals,
     policy::{Mode, Policy},
-    report::{inventory::Inventory, render, CommandExit, EventRecord, PolicyRef, Report, SCHEMA},
+    report::{
+        evidence::lost_failing, inventory::Inventory, render, CommandExit, EventRecord, PolicyRef,
+        Report, SCHEMA,
+    },
 };
 
 /// Builds the report from what the run saw and writes every output asked
@@ -21,7 +24,7 @@ use crate::{
 pub(super) fn conclude(
     options: &RunOptions,
     policies: &[Policy],
-    state: RunState<'_>,
+    mut state: RunState<'_>,
     status: ExitStatus,
     totals: RunTotals,
     path: &std::path::Path,
@@ -33,7 +36,16 @@ pub(super) fn conclude(
         events_lost,
         seen,
         program_stats,
+        evidence: counted,
+        detached,
+        resolver_socket_hooks,
     } = totals;
+    state.on_detached(detached);
+    let mut counted_by_kind = [0u64; guard_common::evidence::EVIDENCE_SLOTS];
+    for (slot, value) in counted_by_kind.iter_mut().zip(counted) {
+        *slot = value;
+    }
+    let evidence_lost = lost_failing(&counted_by_kind, &state.evidence_received);
     let allowed_counts: std::collections::HashMap<(u64, u16), u64> = seen
         .into_iter()
         .map(|(hash, qtype, count)| ((hash, qtype), count))
@@ -52,11 +64,6 @@ pub(super) fn conclude(
             0
         };
     let command_code = exit_code_of(status);
-    let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) {
-        EXIT_BLOCKED
-    } else {
-        command_code
-    };
     let command: Vec<String> = options
         .command
         .iter()
@@ -75,7 +82,7 @@ pub(super) fn conclude(
             code: status.code(),
             signal: status.signal(),
         },
-        exit_code,
+        exit_code: command_code,
         mode: if options.audit {
             Mode::Audit
         } else {
@@ -98,14 +105,27 @@ pub(super) fn conclude(
         events_omitted: state.omitted,
         counters,
         program_stats,
+        evidence: std::mem::take(&mut state.evidence),
+        evidence_lost,
+        hosts_entries: std::mem::take(&mut state.hosts),
+        resolver_socket_hooks,
     };
+    let mut report = report;
+    let failing_evidence = render::failing_evidence(&report);
+    let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) || failing_evidence > 0
+    {
+        EXIT_BLOCKED
+    } else {
+        command_code
+    };
+    report.exit_code = exit_code;
     let color = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     eprint!("{}", render::text(&report, color));
     if events_lost > 0 {
         eprintln!("guard: warning: {events_lost} events did not fit in the ring buffer and are missing above (counters are exact)");
     }
-    if exit_code == EXIT_BLOCKED {
+    if exit_code == EXIT_BLOCKED && (drops > 0 || (options.fail_on_block && reported > 0)) {
         let what = if drops > 0 {
             "blocked"
         } else {
@@ -114,6 +134,11 @@ pub(super) fn conclude(
         eprintln!(
             "guard: exit {EXIT_BLOCKED}: {} DNS lookup(s) {what} (the command itself exited with {command_code})",
             drops.max(reported)
+        );
+    }
+    if failing_evidence > 0 {
+        eprintln!(
+            "guard: exit {EXIT_BLOCKED}: {failing_evidence} way(s) around the DNS guard (escapes, raw sockets, tampering, hosts entries; listed above) (the command itself exited with {command_code})"
         );
     }
     let mut failed_outputs = false;

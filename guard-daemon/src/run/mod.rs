@@ -27,6 +27,7 @@ use crate::{
     api::{self, client, PolicyText, RunRequest},
     error::{Error, PolicyError, Result},
     policy::{compile, Policy, RuleSet},
+    report::hosts,
 };
 use standalone::{Placement, Standalone};
 use supervise::{supervise, Backend};
@@ -74,6 +75,10 @@ pub struct RunOptions {
     pub record: Option<PathBuf>,
     /// Never use the daemon, even when one is running.
     pub standalone: bool,
+    /// Packet and raw sockets are expected (`--allow-raw-sockets`).
+    pub allow_raw_sockets: bool,
+    /// Resolver-daemon sockets to refuse besides the defaults.
+    pub resolver_sockets: Vec<PathBuf>,
 }
 
 /// Runs the command under guard and returns guard's exit status.
@@ -93,6 +98,11 @@ pub fn run(options: RunOptions) -> i32 {
     if rules.deny_count() == 0 && !options.quiet {
         eprintln!("guard: warning: no deny rules; nothing will be blocked");
     }
+    // Names the hosts file answers never become DNS queries: name them now.
+    let hosts = hosts::check_host(&rules);
+    for entry in &hosts {
+        eprintln!("{}", entry.line_text());
+    }
     if !options.standalone {
         let request = RunRequest {
             object: client::own_object(),
@@ -102,6 +112,7 @@ pub fn run(options: RunOptions) -> i32 {
             allow: options.allow.clone(),
             audit: options.audit,
             record: options.record.is_some(),
+            allow_raw_sockets: options.allow_raw_sockets,
         };
         match client::start_run(&api::socket_path(), &request) {
             Ok(client::Started::Daemon(session)) => {
@@ -110,6 +121,7 @@ pub fn run(options: RunOptions) -> i32 {
                         options,
                         policies,
                         rules,
+                        hosts,
                         Backend::Daemon(session),
                     )),
                     Err(e) => setup_failed(&options, &e),
@@ -141,6 +153,7 @@ pub fn run(options: RunOptions) -> i32 {
             options,
             policies,
             rules,
+            hosts,
             Backend::Standalone(Box::new(backend)),
         )
         .await
@@ -172,6 +185,15 @@ fn load_policies(options: &RunOptions) -> Result<(Vec<PolicyText>, Vec<Policy>, 
     }
     let (policies, rules) = compile(policies, &options.deny, &options.allow, options.audit)?;
     Ok((texts, policies, rules))
+}
+
+/// Whether evidence (escapes, packet sockets, tampering) fails the run and
+/// is stopped in the kernel: not with `--audit`, nor when every policy is
+/// in audit mode.
+fn evidence_enforced(options: &RunOptions, rules: &RuleSet) -> bool {
+    let rules = rules.rules();
+    !options.audit
+        && (rules.is_empty() || rules.iter().any(|r| r.mode == crate::policy::Mode::Enforce))
 }
 
 fn setup_failed(options: &RunOptions, error: &Error) -> i32 {

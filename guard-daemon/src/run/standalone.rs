@@ -5,8 +5,13 @@ use std::{
     time::Instant,
 };
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::{MapData, RingBuf};
-use guard_common::maps::{Binding, Counter};
+use guard_common::{
+    evidence::EvidenceSettings,
+    maps::{Binding, Counter},
+};
 
 use super::{
     reaper::{self, Reaper},
@@ -17,6 +22,8 @@ use crate::{
     error::Result,
     kernel::{
         cgroup::{run_cgroup_name, sweep_stale_runs, Hierarchy, RunCgroup},
+        evidence::{Attachments, EvidenceMaps as _},
+        unixhooks::socket_table,
         KernelMaps as _, LoadOptions, Programs,
     },
     policy::RuleSet,
@@ -59,6 +66,9 @@ impl Placement {
 pub(super) struct Enforcement {
     pub(super) programs: Programs,
     pub(super) cgroup: Option<RunCgroup>,
+    /// How guard's programs were attached to the cgroup, to notice them
+    /// detached or replaced.
+    attachments: Attachments,
 }
 
 /// A run that loaded its own programs.
@@ -82,6 +92,10 @@ impl Standalone {
             reaper,
         } = placement;
         let (enforcement, ring) = Enforcement::set_up(options, rules, &path)?;
+        if let Err(reason) = enforcement.programs.unix_hooks() {
+            // Once, plainly: this is a hole on this host, not a failure.
+            eprintln!("guard: note: {reason}: lookups through nscd or systemd-resolved are not refused, and not seen");
+        }
         Ok(Standalone {
             enforcement,
             ring,
@@ -125,6 +139,17 @@ impl Enforcement {
                     label_mask: rules.label_mask(),
                 },
             )?;
+            programs.set_evidence_settings(
+                0,
+                EvidenceSettings {
+                    enforce: u8::from(super::evidence_enforced(options, rules)),
+                    allow_raw_sockets: u8::from(
+                        options.allow_raw_sockets || rules.allow_raw_sockets(),
+                    ),
+                    _pad: [0; 6],
+                },
+            )?;
+            programs.set_unix_sockets(&socket_table(&options.resolver_sockets))?;
             programs.attach_tracepoints()?;
             tracing::debug!(elapsed = ?t.elapsed(), "tracepoints attached");
             programs.attach_cgroup(cgroup.dir())?;
@@ -135,6 +160,10 @@ impl Enforcement {
         match setup() {
             Ok((programs, events)) => Ok((
                 Enforcement {
+                    attachments: Attachments::record(
+                        cgroup.dir().as_fd(),
+                        &programs.cgroup_programs(),
+                    ),
                     programs,
                     cgroup: Some(cgroup),
                 },
@@ -166,6 +195,34 @@ impl Enforcement {
                 .programs
                 .egress_stats()
                 .map(|(runs, ns)| ProgramStats::new(runs, ns)),
+            evidence: self.programs.evidence_counts(0).to_vec(),
+            detached: Vec::new(),
+            resolver_socket_hooks: self.resolver_socket_hooks(),
+        }
+    }
+
+    /// `active`, or why the Unix-socket hooks are missing.
+    pub(super) fn resolver_socket_hooks(&self) -> String {
+        match self.programs.unix_hooks() {
+            Ok(_) => "active".into(),
+            Err(reason) => format!("unavailable: {reason}"),
+        }
+    }
+
+    /// Kills everything in the run's cgroup (guard's programs are gone
+    /// from it: nothing may go on unguarded).
+    pub(super) fn kill_processes(&self) {
+        if let Some(cgroup) = &self.cgroup {
+            let _ = std::fs::write(cgroup.path().join("cgroup.kill"), "1");
+        }
+    }
+
+    /// guard's programs no longer attached to the run's cgroup (a detach
+    /// is permanent, so this sees any that happened since the start).
+    pub(super) fn detached(&self) -> Vec<String> {
+        match &self.cgroup {
+            Some(cgroup) => self.attachments.missing(cgroup.dir()),
+            None => Vec::new(),
         }
     }
 

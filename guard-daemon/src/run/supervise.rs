@@ -16,20 +16,32 @@ use tokio::{
 };
 
 use super::{
-    conclude::conclude, setup_failed, spawn_error_code, standalone::Standalone, RunOptions,
-    EXIT_SETUP_FAILED, MAX_STORED_EVENTS, PLACEMENT_FAILED,
+    conclude::conclude,
+    setup_failed, spawn_error_code,
+    standalone::{Enforcement, Standalone},
+    RunOptions, EXIT_SETUP_FAILED, MAX_STORED_EVENTS, PLACEMENT_FAILED,
 };
 use crate::{
     api::{client, RunTotals},
     error::{Error, Result},
     kernel::{
         cgroup::RunCgroup,
+        evidence::{hierarchy_path, kill_task, Evidence},
         records::{decode, DnsQuery, Record},
         sockdiag,
     },
     policy::{Policy, RuleSet},
-    report::{chains::ProcessTable, Clock, EventRecord},
+    report::{
+        chains::ProcessTable,
+        evidence::{self as evidence_report, EvidenceEntry, EvidencePolicy},
+        hosts::HostsEntry,
+        Clock, EventRecord,
+    },
 };
+
+/// How often a standalone run checks that its programs are still attached
+/// (a detach is also seen at the end: it is permanent).
+const ATTACHMENT_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where the run's enforcement lives.
 pub(super) enum Backend {
@@ -47,6 +59,7 @@ pub(super) async fn supervise(
     options: RunOptions,
     policies: Vec<Policy>,
     rules: RuleSet,
+    hosts: Vec<HostsEntry>,
     backend: Backend,
 ) -> i32 {
     let started = Instant::now();
@@ -135,22 +148,32 @@ pub(super) async fn supervise(
     let child_pid = child.id().unwrap_or(0);
 
     let mut state = RunState::new(child_pid, &rules, options.quiet);
-    let status = match wait_forwarding_signals(&mut child, &mut events, &mut state).await {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("guard: {e}");
-            let _ = child.start_kill();
-            child
-                .wait()
-                .await
-                .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
-        }
+    state.hosts = hosts;
+    state.evidence_policy = EvidencePolicy {
+        enforce: super::evidence_enforced(&options, &rules),
+        allow_raw_sockets: options.allow_raw_sockets || rules.allow_raw_sockets(),
+        guarded_path: hierarchy_path(&path),
+        own_executable: std::env::current_exe().ok(),
     };
+    let enforcement = standalone.as_ref().map(|(enforcement, _, _)| enforcement);
+    let status =
+        match wait_forwarding_signals(&mut child, &mut events, &mut state, enforcement).await {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("guard: {e}");
+                let _ = child.start_kill();
+                child
+                    .wait()
+                    .await
+                    .unwrap_or_else(|_| ExitStatus::from_raw(EXIT_SETUP_FAILED << 8))
+            }
+        };
 
     // Processes the command left behind are killed with the cgroup; the
     // events they and the command produced are all in the ring by now.
     let totals = match (events, standalone) {
         (Events::Ring(mut ring), Some((mut enforcement, reaper, hierarchy))) => {
+            state.on_detached(enforcement.detached());
             let t = Instant::now();
             if let Err(e) = enforcement.remove_cgroup() {
                 eprintln!("guard: {e}");
@@ -196,7 +219,9 @@ async fn wait_forwarding_signals(
     child: &mut tokio::process::Child,
     events: &mut Events,
     state: &mut RunState<'_>,
+    enforcement: Option<&Enforcement>,
 ) -> Result<ExitStatus> {
+    let mut attachment_check = tokio::time::interval(ATTACHMENT_CHECK);
     let listen = |kind: SignalKind| signal(kind).map_err(Error::io("installing signal handlers"));
     let mut interrupt = listen(SignalKind::interrupt())?;
     let mut terminate = listen(SignalKind::terminate())?;
@@ -229,6 +254,16 @@ async fn wait_forwarding_signals(
             _ = terminate.recv() => forward(nix::sys::signal::Signal::SIGTERM),
             _ = hangup.recv() => forward(nix::sys::signal::Signal::SIGHUP),
             _ = quit.recv() => forward(nix::sys::signal::Signal::SIGQUIT),
+            _ = attachment_check.tick(), if enforcement.is_some() => {
+                if let Some(enforcement) = enforcement {
+                    let missing = enforcement.detached();
+                    if !missing.is_empty() && state.on_detached(missing) {
+                        // Fail closed: nothing goes on unguarded.
+                        eprintln!("guard: guard's programs were detached from the run's cgroup; ending the run");
+                        enforcement.kill_processes();
+                    }
+                }
+            }
         }
     }
 }
@@ -277,6 +312,13 @@ pub(super) struct RunState<'a> {
     pub(super) qtype_codes: std::collections::HashMap<String, u16>,
     /// Events past `MAX_STORED_EVENTS`, counted only.
     pub(super) omitted: u64,
+    /// Ways around the DNS hooks, as report entries.
+    pub(super) evidence: Vec<EvidenceEntry>,
+    /// Evidence records received, by kind (to find lost ones).
+    pub(super) evidence_received: [u64; guard_common::evidence::EVIDENCE_SLOTS],
+    pub(super) evidence_policy: EvidencePolicy,
+    /// Hosts-file entries for denied names, found at the start.
+    pub(super) hosts: Vec<HostsEntry>,
 }
 
 impl<'a> RunState<'a> {
@@ -290,7 +332,51 @@ impl<'a> RunState<'a> {
             ended_sockets: HashSet::new(),
             qtype_codes: std::collections::HashMap::new(),
             omitted: 0,
+            evidence: Vec::new(),
+            evidence_received: [0; guard_common::evidence::EVIDENCE_SLOTS],
+            evidence_policy: EvidencePolicy {
+                enforce: true,
+                allow_raw_sockets: false,
+                guarded_path: None,
+                own_executable: None,
+            },
+            hosts: Vec::new(),
         }
+    }
+
+    fn on_evidence(&mut self, evidence: Evidence) {
+        if let Some(slot) = self.evidence_received.get_mut(evidence.kind as usize) {
+            *slot += 1;
+        }
+        let chain = self.table.chain(evidence.subject);
+        let Some(mut entry) = self.evidence_policy.entry(&evidence, chain, &self.clock) else {
+            return;
+        };
+        if entry.escaped_alive() && kill_task(evidence.subject) {
+            entry.action = "killed".into();
+        }
+        if !self.quiet && entry.verdict != "noted" {
+            eprintln!("{}", entry.line());
+        }
+        evidence_report::add(&mut self.evidence, entry);
+    }
+
+    /// Records guard's programs found detached; true the first time.
+    pub(super) fn on_detached(&mut self, missing: Vec<String>) -> bool {
+        let first = !self.evidence.iter().any(|e| e.kind == "detached");
+        for detail in missing {
+            if self.evidence.iter().any(|e| e.detail == detail) {
+                continue;
+            }
+            let entry = EvidenceEntry::detached(
+                detail,
+                self.evidence_policy.enforce,
+                humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            );
+            eprintln!("{}", entry.line());
+            self.evidence.push(entry);
+        }
+        first && self.evidence.iter().any(|e| e.kind == "detached")
     }
 
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) {
@@ -318,6 +404,7 @@ impl<'a> RunState<'a> {
                 child,
                 comm,
             }) => self.table.on_fork(parent, child, comm),
+            Some(Record::Evidence(evidence)) => self.on_evidence(evidence),
             None => tracing::warn!("undecodable event record"),
         }
     }

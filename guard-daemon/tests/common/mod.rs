@@ -53,13 +53,26 @@ impl Sandbox {
     /// `guard ARGS...` in a private mount namespace whose /etc/resolv.conf
     /// names the test servers.
     pub fn guard(&self, args: &[&str]) -> Command {
+        self.guard_with_files(&[], args)
+    }
+
+    /// As [`Sandbox::guard`], with each (file, target) also bind-mounted
+    /// over its target (a hosts file, an nsswitch.conf) for guard and its
+    /// command only.
+    pub fn guard_with_files(&self, files: &[(&Path, &str)], args: &[&str]) -> Command {
+        let mut mounts = String::from("mount --bind \"$0\" /etc/resolv.conf");
+        for (index, (_, target)) in files.iter().enumerate() {
+            mounts += &format!(" && mount --bind \"${}\" {target}", index + 1);
+        }
         let mut command = Command::new("unshare");
         command
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
-            .arg(self.path("resolv.conf"))
-            .arg(GUARD)
-            .args(args);
+            .arg(format!("{mounts} && shift {} && exec \"$@\"", files.len()))
+            .arg(self.path("resolv.conf"));
+        for (file, _) in files {
+            command.arg(file);
+        }
+        command.arg(GUARD).args(args);
         command
     }
 
@@ -124,15 +137,20 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     condition()
 }
 
+/// The cgroup2 mount point (its root cgroup's directory).
+pub fn cgroup_root() -> PathBuf {
+    guard_daemon::kernel::cgroup::cgroup2_mount_point(
+        &fs::read_to_string("/proc/self/mountinfo").unwrap(),
+    )
+    .expect("cgroup2 mounted")
+}
+
 /// This process's cgroup v2 directory (guard creates run cgroups under the
 /// cgroup it runs in).
 pub fn own_cgroup_dir() -> PathBuf {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mount =
-        guard_daemon::kernel::cgroup::cgroup2_mount_point(&mountinfo).expect("cgroup2 mounted");
     let text = fs::read_to_string("/proc/self/cgroup").unwrap();
     let relative = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-    mount.join(relative.trim_start_matches('/'))
+    cgroup_root().join(relative.trim_start_matches('/'))
 }
 
 pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
@@ -146,6 +164,25 @@ pub fn run_cgroups_of(pid: u32) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Checks a report against schemas/report.schema.json.
+pub fn validate_report(value: &serde_json::Value) {
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../schemas/report.schema.json"
+    ));
+    let schema: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "report does not match its schema: {errors:#?}\n{value:#}"
+    );
 }
 
 /// The test servers, as `guard-dns-query` takes them.
@@ -166,7 +203,8 @@ pub fn guarded(sandbox: &Sandbox, command: &[&str]) -> (Run, serde_json::Value) 
     )
 }
 
-/// `guard run OPTIONS --report R -- CMD...`: the run and its report.
+/// `guard run OPTIONS --report R -- CMD...`: the run and its report,
+/// checked against the report's schema.
 pub fn guarded_with(
     sandbox: &Sandbox,
     options: &[&str],
@@ -180,6 +218,7 @@ pub fn guarded_with(
     args.extend_from_slice(command);
     let run = sandbox.run(&args);
     let value = report(&report_path);
+    validate_report(&value);
     (run, value)
 }
 

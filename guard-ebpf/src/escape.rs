@@ -25,8 +25,10 @@ use guard_common::{
 };
 
 use crate::{
-    evidence::{current_guard, current_tid, kill_current, report, settings, Evidence, TRACKED},
-    maps::{fork_child_pid_offset, BINDINGS},
+    evidence::{
+        current_tid, guard_count_evidence, kill_current, settings, write_record, Evidence, TRACKED,
+    },
+    maps::{fork_child_pid_offset, guard_of_current, BINDINGS},
 };
 
 // cgroup:cgroup_attach_task
@@ -70,6 +72,13 @@ const BPF_CHANGES: u64 = (1 << 2)
     | (1 << 28)
     | (1 << 29)
     | (1 << 34);
+
+/// Counts the evidence (through the global function) and writes its record.
+#[inline(always)]
+fn report(evidence: &Evidence, path: impl FnOnce(&mut [u8; PATH_CAP])) {
+    guard_count_evidence(evidence.policy_id, evidence.what as u32);
+    write_record(evidence, path);
+}
 
 /// Where the task is now, as far as the checkpoint knows it.
 struct Destination<'a> {
@@ -174,7 +183,7 @@ pub fn escape_attach(ctx: TracePointContext) -> u32 {
         checkpoint(
             moved,
             &Destination {
-                guard: current_guard(),
+                guard: guard_of_current(),
                 cgroup: unsafe { bpf_get_current_cgroup_id() },
                 level,
                 seen_at: SEEN_MOVED_ITSELF,
@@ -231,7 +240,7 @@ pub fn escape_fork(ctx: TracePointContext) -> u32 {
     // The parent's context: check the parent, then track the child with
     // the cgroup that guards the parent (a child starts in its parent's
     // cgroup unless clone3 put it elsewhere; see escape_clone3).
-    let guard = current_guard();
+    let guard = guard_of_current();
     checkpoint(
         current_tid(),
         &Destination {
@@ -262,7 +271,7 @@ pub fn escape_clone3(ctx: TracePointContext) -> u32 {
     checkpoint(
         current_tid(),
         &Destination {
-            guard: current_guard(),
+            guard: guard_of_current(),
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             level: 0,
             seen_at: SEEN_CLONE3_CHILD,
@@ -288,7 +297,7 @@ pub fn escape_socket(ctx: TracePointContext) -> u32 {
     if !packet && !raw {
         return 0;
     }
-    let Some((guarded, binding)) = current_guard() else {
+    let Some((guarded, binding)) = guard_of_current() else {
         return 0;
     };
     // A packet socket sends below every cgroup hook: in enforce mode its
@@ -324,7 +333,7 @@ pub fn escape_bpf(ctx: TracePointContext) -> u32 {
     if command >= 64 || BPF_CHANGES & (1 << command) == 0 {
         return 0;
     }
-    let Some((guarded, binding)) = current_guard() else {
+    let Some((guarded, binding)) = guard_of_current() else {
         return 0;
     };
     let evidence = Evidence {

@@ -39,7 +39,9 @@ pub static EVIDENCE_COUNTERS: PerCpuHashMap<u32, EvidenceCounters> =
 pub static EVIDENCE_SETTINGS: HashMap<u32, EvidenceSettings> = HashMap::with_max_entries(4096, 0);
 
 /// The cgroup that guards the current task (its own cgroup if bound, else
-/// its deepest bound ancestor) with its binding.
+/// its deepest bound ancestor) with its binding. Inline, for the Unix-socket
+/// hooks, which are loaded without BTF function info and so cannot call
+/// global functions; the tracepoints use `maps::guard_of_current`.
 #[inline(always)]
 pub fn current_guard() -> Option<(u64, Binding)> {
     let own = unsafe { bpf_get_current_cgroup_id() };
@@ -100,11 +102,10 @@ pub struct Evidence {
     pub args: [u64; 3],
 }
 
-/// Counts the evidence for its policy, then writes the record; `path`
-/// fills the record's path (it starts empty).
+/// Writes the record (the caller has counted it); `path` fills the
+/// record's path (it starts empty).
 #[inline(always)]
-pub fn report(evidence: &Evidence, path: impl FnOnce(&mut [u8; PATH_CAP])) {
-    count(evidence.policy_id, evidence.what);
+pub fn write_record(evidence: &Evidence, path: impl FnOnce(&mut [u8; PATH_CAP])) {
     let Some(mut entry) = EVENTS.reserve::<EvidenceEvent>(0) else {
         // Counted above: userspace sees the record missing and fails closed.
         return;
@@ -130,9 +131,18 @@ pub fn report(evidence: &Evidence, path: impl FnOnce(&mut [u8; PATH_CAP])) {
     entry.submit(0);
 }
 
+/// [`count`] as a global function: verified once, not at each of the
+/// tracepoints' call sites.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn guard_count_evidence(policy_id: u32, what: u32) -> i32 {
+    count(policy_id, what as usize);
+    0
+}
+
+/// Counts one piece of evidence for its policy.
 #[inline(always)]
-fn count(policy_id: u32, what: EvidenceKind) {
-    let index = what as usize;
+pub fn count(policy_id: u32, index: usize) {
     if index >= EVIDENCE_SLOTS {
         return;
     }

@@ -205,8 +205,16 @@ pub fn binding_of_skb(skb: *mut __sk_buff) -> Option<Binding> {
 /// The binding of the current task's cgroup (see [`find_binding`]).
 #[inline(always)]
 pub fn binding_of_current() -> Option<Binding> {
+    guard_of_current().map(|(_, binding)| binding)
+}
+
+/// The cgroup that guards the current task (its own if bound, else its
+/// deepest bound ancestor) and its binding, through the global function.
+#[inline(always)]
+pub fn guard_of_current() -> Option<(u64, Binding)> {
+    let mut id = 0u64;
     let mut binding = NO_BINDING;
-    (guard_binding_of_current(&mut binding) != 0).then_some(binding)
+    (guard_binding_of_current(&mut id, &mut binding) != 0).then_some((id, binding))
 }
 
 const NO_BINDING: Binding = Binding {
@@ -230,7 +238,7 @@ pub extern "C" fn guard_binding_of_skb(skb: *mut __sk_buff, out: *mut Binding) -
         bpf_skb_ancestor_cgroup_id(skb, level as i32)
     });
     match found {
-        Some(binding) => {
+        Some((_, binding)) => {
             unsafe { *out = binding };
             1
         }
@@ -238,19 +246,23 @@ pub extern "C" fn guard_binding_of_skb(skb: *mut __sk_buff, out: *mut Binding) -
     }
 }
 
-/// [`find_binding`] for the current task's cgroup, as a global function.
+/// [`find_binding`] for the current task's cgroup, as a global function;
+/// `out_id` receives the id of the bound cgroup.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn guard_binding_of_current(out: *mut Binding) -> i32 {
-    if out.is_null() {
+pub extern "C" fn guard_binding_of_current(out_id: *mut u64, out: *mut Binding) -> i32 {
+    if out_id.is_null() || out.is_null() {
         return 0;
     }
     let found = find_binding(unsafe { bpf_get_current_cgroup_id() }, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level as i32)
     });
     match found {
-        Some(binding) => {
-            unsafe { *out = binding };
+        Some((id, binding)) => {
+            unsafe {
+                *out_id = id;
+                *out = binding;
+            }
             1
         }
         None => 0,
@@ -261,9 +273,9 @@ pub extern "C" fn guard_binding_of_current(out: *mut Binding) -> i32 {
 /// ancestor (a guarded command may create child cgroups). The ancestors are
 /// tried from the deepest level up and the first bound one returns.
 #[inline(always)]
-fn find_binding(own_id: u64, ancestor: impl Fn(u32) -> u64) -> Option<Binding> {
+fn find_binding(own_id: u64, ancestor: impl Fn(u32) -> u64) -> Option<(u64, Binding)> {
     if let Some(binding) = unsafe { BINDINGS.get(own_id) } {
-        return Some(*binding);
+        return Some((own_id, *binding));
     }
     let mut level = MAX_CGROUP_DEPTH;
     while level > 0 {
@@ -272,7 +284,7 @@ fn find_binding(own_id: u64, ancestor: impl Fn(u32) -> u64) -> Option<Binding> {
         let id = ancestor(level);
         if id != 0 {
             if let Some(binding) = unsafe { BINDINGS.get(id) } {
-                return Some(*binding);
+                return Some((id, *binding));
             }
         }
     }

@@ -25,7 +25,7 @@ use guard_common::{
     evidence::{UnixPath, UNIX_PATH_LEN, UNIX_REFUSE},
 };
 
-use crate::evidence::{current_guard, current_tid, report, Evidence};
+use crate::evidence::{count, current_guard, current_tid, write_record, Evidence};
 
 const AF_UNIX: u32 = 1;
 const ALLOW: i32 = 1;
@@ -96,7 +96,8 @@ fn judge(ctx: &SockAddrContext) -> i32 {
         target_level: 0,
         args: [0; 3],
     };
-    report(&evidence, |path| {
+    count(evidence.policy_id, evidence.what as usize);
+    write_record(&evidence, |path| {
         path[..UNIX_PATH_LEN].copy_from_slice(&key.bytes[..UNIX_PATH_LEN]);
     });
     if refuse {

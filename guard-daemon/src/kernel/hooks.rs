@@ -10,9 +10,12 @@ use aya::{
     programs::{links::FdLink, CgroupAttachMode, CgroupSkbAttachType, Program, SkMsg, SkSkb},
     Ebpf,
 };
-use guard_common::maps::{
-    PROGRAM_DNS_EGRESS, PROGRAM_DNS_INGRESS, PROGRAM_SOCK_OPS, PROGRAM_STREAM_ANSWER,
-    PROGRAM_STREAM_PARSE, PROGRAM_STREAM_SEND, SOCKETS,
+use guard_common::{
+    evidence::{PROGRAM_ESCAPE_ATTACH, PROGRAM_ESCAPE_CLONE3, PROGRAM_ESCAPE_FORK},
+    maps::{
+        PROGRAM_DNS_EGRESS, PROGRAM_DNS_INGRESS, PROGRAM_SOCK_OPS, PROGRAM_STREAM_ANSWER,
+        PROGRAM_STREAM_PARSE, PROGRAM_STREAM_SEND, SOCKETS,
+    },
 };
 
 use super::{
@@ -98,40 +101,91 @@ pub fn attached_ids<'a>(hooks: impl Iterator<Item = (CgroupHook, &'a Program)>) 
         .collect()
 }
 
-/// Loads every program of the object with its type's attach point.
+/// Loads every program of the object with its type's attach point. The
+/// verifier is most of a standalone run's start-up and verifies one
+/// program per thread, so the programs are spread over the CPUs, the
+/// heaviest first (each thread gets the next program while it has the
+/// least work).
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for (name, program) in ebpf.programs_mut() {
-        let name: &'static str = match [
-            PROGRAM_DNS_EGRESS,
-            PROGRAM_DNS_INGRESS,
-            PROGRAM_SOCK_OPS,
-            PROGRAM_STREAM_SEND,
-            PROGRAM_STREAM_PARSE,
-            PROGRAM_STREAM_ANSWER,
-        ]
-        .into_iter()
-        .chain(super::programs::tracepoints().map(|(name, _, _)| name))
-        .find(|known| *known == name)
-        {
-            Some(known) => known,
-            None => continue,
-        };
-        let t = std::time::Instant::now();
-        let loaded = match program {
-            Program::CgroupSkb(p) => p.load(),
-            Program::SockOps(p) => p.load(),
-            Program::SkMsg(p) => p.load(),
-            Program::SkSkb(p) => p.load(),
-            Program::TracePoint(p) => p.load(),
-            _ => continue,
-        };
-        loaded.map_err(|source| Error::Program { name, source })?;
-        let instructions = program
-            .info()
-            .ok()
-            .and_then(|i| i.verified_instruction_count());
-        tracing::debug!(program = name, elapsed = ?t.elapsed(), ?instructions, "verified");
+    let mut known: Vec<(&'static str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| Some((known_program(name)?, program)))
+        .collect();
+    known.sort_by_key(|(name, _)| std::cmp::Reverse(verification_weight(name)));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4);
+    let mut shares: Vec<(u32, Vec<(&'static str, &mut Program)>)> =
+        (0..threads).map(|_| (0, Vec::new())).collect();
+    for (name, program) in known {
+        let lightest = shares
+            .iter_mut()
+            .min_by_key(|(weight, _)| *weight)
+            .expect("at least one thread");
+        lightest.0 += verification_weight(name);
+        lightest.1.push((name, program));
     }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = shares
+            .into_iter()
+            .map(|(_, share)| {
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .try_for_each(|(name, program)| load_one(name, program))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|worker| worker.join().expect("a verifier thread panicked"))
+    })
+}
+
+/// The name of a program guard loads with aya, as a `'static` name.
+fn known_program(name: &str) -> Option<&'static str> {
+    [
+        PROGRAM_DNS_EGRESS,
+        PROGRAM_DNS_INGRESS,
+        PROGRAM_SOCK_OPS,
+        PROGRAM_STREAM_SEND,
+        PROGRAM_STREAM_PARSE,
+        PROGRAM_STREAM_ANSWER,
+    ]
+    .into_iter()
+    .chain(super::programs::tracepoints().map(|(name, _, _)| name))
+    .find(|known| *known == name)
+}
+
+/// Roughly the verifier's work for a program, in thousands of processed
+/// instructions (`GUARD_LOG=debug` prints the real counts).
+fn verification_weight(name: &str) -> u32 {
+    match name {
+        PROGRAM_DNS_INGRESS => 20,
+        PROGRAM_DNS_EGRESS | PROGRAM_STREAM_SEND => 15,
+        PROGRAM_STREAM_ANSWER => 7,
+        PROGRAM_ESCAPE_ATTACH | PROGRAM_ESCAPE_FORK => 7,
+        PROGRAM_ESCAPE_CLONE3 => 5,
+        _ => 2,
+    }
+}
+
+fn load_one(name: &'static str, program: &mut Program) -> Result<()> {
+    let t = std::time::Instant::now();
+    let loaded = match program {
+        Program::CgroupSkb(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::SkSkb(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        _ => return Ok(()),
+    };
+    loaded.map_err(|source| Error::Program { name, source })?;
+    let instructions = program
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    tracing::debug!(program = name, elapsed = ?t.elapsed(), ?instructions, "verified");
     Ok(())
 }
 

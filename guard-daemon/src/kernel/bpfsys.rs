@@ -1,8 +1,9 @@
 //! The few `bpf()` commands aya 0.14 does not offer for what guard needs:
 //! loading a program with an expected attach type aya does not know
 //! (the Unix-socket hooks), linking it to a cgroup, pinning and opening
-//! pins, and reading which programs and links a cgroup has attached (to
-//! notice guard's own being detached or replaced).
+//! pins, reading which programs and links a cgroup has attached (to
+//! notice guard's own being detached or replaced), and writing many map
+//! entries in one call (a large policy's rules).
 use std::{
     ffi::CString,
     io,
@@ -15,6 +16,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
@@ -251,4 +253,59 @@ pub fn returning(value: i32) -> [aya_obj::generated::bpf_insn; 2] {
             imm: 0,
         },
     ]
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The kernel-internal "operation not supported" some bpf() commands leak.
+const ENOTSUPP: i32 = 524;
+
+/// Entries written per `BPF_MAP_UPDATE_BATCH` call: the kernel copies each
+/// batch in, so this bounds the temporary memory, not the speed.
+const UPDATE_BATCH: usize = 4096;
+
+/// Writes `keys[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH` (one call per
+/// few thousand entries instead of one per entry: a 100,000-rule policy
+/// goes in 25 calls). `Err` with `ErrorKind::Unsupported` when the map or
+/// kernel has no batch operations, so the caller can write one by one.
+pub fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    for (keys, values) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(_) => {}
+            // Before 5.6, or a map type without batch operations.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

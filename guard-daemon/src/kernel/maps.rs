@@ -1,6 +1,6 @@
 //! Reading and writing the maps of a loaded object, whoever owns it (a
 //! standalone run's [`super::Programs`] or the daemon's [`super::Pinned`]).
-use std::collections::HashMap;
+use std::{collections::HashMap, os::fd::AsFd as _};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use guard_common::{
@@ -18,7 +18,26 @@ pub trait KernelMaps {
     fn map(&self, name: &'static str) -> Result<&Map>;
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map>;
 
+    /// Writes a policy's rules: in batches, or one by one on a kernel
+    /// without batch operations.
     fn install_rules(&mut self, policy_id: u32, rules: &HashMap<u64, RuleEntry>) -> Result<()> {
+        let (keys, values): (Vec<RuleKey>, Vec<RuleEntry>) = rules
+            .iter()
+            .map(|(hash, entry)| (RuleKey::new(policy_id, *hash), *entry))
+            .unzip();
+        let map = match self.map(RULES)? {
+            Map::HashMap(data) => data,
+            _ => return Err(Error::Missing(RULES)),
+        };
+        match super::bpfsys::update_batch(map.fd().as_fd(), &keys, &values) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => {
+                return Err(Error::io(
+                    "writing the policy's rules (BPF_MAP_UPDATE_BATCH)",
+                )(e))
+            }
+        }
         let mut map: BpfHashMap<&mut MapData, RuleKey, RuleEntry> = typed_mut(self, RULES)?;
         for (hash, entry) in rules {
             map.insert(RuleKey::new(policy_id, *hash), *entry, 0)

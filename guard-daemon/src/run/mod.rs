@@ -13,11 +13,13 @@
 //! Set-up lives in [`standalone`] (own programs) or comes from the daemon
 //! (`crate::api::client`); [`supervise`] runs and watches the command;
 //! [`conclude`] turns what was seen into the report and the exit status;
-//! [`reaper`] cleans up after a guard that died.
+//! [`reaper`] cleans up after a guard that died; [`teardown`] lets the
+//! kernel detach a finished run's programs after guard has exited.
 mod conclude;
 mod reaper;
 mod standalone;
 mod supervise;
+mod teardown;
 
 use std::{
     ffi::OsString, io, os::unix::process::ExitStatusExt as _, path::PathBuf, process::ExitStatus,
@@ -87,8 +89,12 @@ pub fn run(options: RunOptions) -> i32 {
         eprintln!("guard: no command to run");
         return EXIT_SETUP_FAILED;
     }
+    let t = std::time::Instant::now();
     let (texts, policies, rules) = match load_policies(&options) {
-        Ok(loaded) => loaded,
+        Ok(loaded) => {
+            tracing::debug!(elapsed = ?t.elapsed(), "policies read and compiled");
+            loaded
+        }
         Err(e) => {
             eprintln!("guard: {e}");
             eprintln!("guard: the command was not run");

@@ -129,6 +129,7 @@ impl Enforcement {
             })?;
             tracing::debug!(elapsed = ?t.elapsed(), "programs loaded");
             programs.install_rules(0, rules.entries())?;
+            tracing::debug!(elapsed = ?t.elapsed(), rules = rules.entries().len(), "rules written");
             programs.bind(
                 cgroup.id(),
                 Binding {

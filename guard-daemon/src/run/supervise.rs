@@ -171,7 +171,7 @@ pub(super) async fn supervise(
 
     // Processes the command left behind are killed with the cgroup; the
     // events they and the command produced are all in the ring by now.
-    let totals = match (events, standalone) {
+    let (totals, finished) = match (events, standalone) {
         (Events::Ring(mut ring), Some((mut enforcement, reaper, hierarchy))) => {
             state.on_detached(enforcement.detached());
             let t = Instant::now();
@@ -181,16 +181,13 @@ pub(super) async fn supervise(
             tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
             state.drain(ring.get_mut());
             let totals = enforcement.totals(options.record.is_some());
-            let t = Instant::now();
-            drop(enforcement);
-            tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");
             drop(reaper);
             drop(hierarchy);
-            totals
+            (totals, Some((enforcement, ring)))
         }
         (Events::Daemon(session), _) => {
             match session.finish(|bytes| state.feed(bytes)).await {
-                Ok(totals) => totals,
+                Ok(totals) => (totals, None),
                 Err(e) => {
                     eprintln!("guard: {e}");
                     eprintln!("guard: the daemon did not report the run's counters; they are missing below");
@@ -210,9 +207,15 @@ pub(super) async fn supervise(
         }
         (Events::Ring(_), None) => unreachable!("a ring comes with standalone enforcement"),
     };
-    conclude(
+    let code = conclude(
         &options, &policies, state, status, totals, &path, started, started_at,
-    )
+    );
+    // The report is out; detaching the programs (slow in the kernel, and
+    // they guard nothing now the cgroup is gone) happens after guard exits.
+    if let Some(programs) = finished {
+        super::teardown::release_after_exit(programs);
+    }
+    code
 }
 
 async fn wait_forwarding_signals(

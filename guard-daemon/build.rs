@@ -31,5 +31,14 @@ fn main() -> anyhow::Result<()> {
     .context(
         "building the eBPF programs failed; `cargo xtask setup` installs the nightly \
          toolchain's rust-src and bpf-linker",
-    )
+    )?;
+    // The object's FNV-1a, computed once here rather than over its ~1 MB in
+    // every `guard run` (it names the build to the daemon).
+    let object = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?).join("guard-ebpf");
+    let bytes = std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    println!("cargo:rustc-env=GUARD_OBJECT_FNV1A={hash:016x}");
+    Ok(())
 }

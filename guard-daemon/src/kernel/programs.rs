@@ -320,10 +320,15 @@ where
 /// FNV-1a over the kernel object: identifies the build of the programs and
 /// the layout of their maps and records.
 pub fn object_fingerprint() -> String {
-    format!("{:016x}", fnv1a(FNV_OFFSET, OBJECT))
+    OBJECT_FNV1A.to_owned()
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a of [`OBJECT`], computed by build.rs.
+const OBJECT_FNV1A: &str = env!("GUARD_OBJECT_FNV1A");
+
+fn object_hash() -> u64 {
+    u64::from_str_radix(OBJECT_FNV1A, 16).expect("build.rs writes 16 hex digits")
+}
 
 fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for byte in bytes {
@@ -336,7 +341,7 @@ fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 /// Names a pinned generation: the object and the load options that are
 /// baked into it (globals, map sizes).
 pub fn generation(options: &LoadOptions<'_>) -> String {
-    let mut hash = fnv1a(FNV_OFFSET, OBJECT);
+    let mut hash = object_hash();
     let mut feed = |bytes: &[u8]| hash = fnv1a(hash, bytes);
     for port in options.dns_ports {
         feed(&port.to_le_bytes());
@@ -350,4 +355,14 @@ pub fn generation(options: &LoadOptions<'_>) -> String {
         feed(&value.to_le_bytes());
     }
     format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_time_fingerprint_is_the_objects_fnv1a() {
+        assert_eq!(object_hash(), fnv1a(0xcbf2_9ce4_8422_2325, OBJECT));
+    }
 }

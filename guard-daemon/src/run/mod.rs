@@ -17,6 +17,7 @@
 //! kernel detach a finished run's programs after guard has exited.
 mod conclude;
 mod reaper;
+mod spawn;
 mod standalone;
 mod supervise;
 mod teardown;
@@ -51,10 +52,6 @@ const MAX_STORED_EVENTS: usize = 100_000;
 
 /// Distinct (name, query type) pairs `--record` counts in the kernel.
 const RECORD_CAPACITY: u32 = 65_536;
-
-/// errno the child reports when it cannot enter the cgroup. Chosen because
-/// exec never returns it, so it cannot be mistaken for "cannot run".
-const PLACEMENT_FAILED: i32 = libc::ENOTRECOVERABLE;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {

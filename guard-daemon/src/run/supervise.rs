@@ -2,8 +2,7 @@
 //! records turned into report entries as they arrive.
 use std::{
     collections::HashSet,
-    io,
-    os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
+    os::{fd::AsFd as _, unix::process::ExitStatusExt as _},
     process::ExitStatus,
     time::{Instant, SystemTime},
 };
@@ -17,9 +16,11 @@ use tokio::{
 
 use super::{
     conclude::conclude,
-    setup_failed, spawn_error_code,
+    setup_failed,
+    spawn::{self, PLACEMENT_FAILED},
+    spawn_error_code,
     standalone::{Enforcement, Standalone},
-    RunOptions, EXIT_SETUP_FAILED, MAX_STORED_EVENTS, PLACEMENT_FAILED,
+    RunOptions, EXIT_SETUP_FAILED, MAX_STORED_EVENTS,
 };
 use crate::{
     api::{client, RunTotals},
@@ -42,6 +43,20 @@ use crate::{
 /// How often a standalone run checks that its programs are still attached
 /// (a detach is also seen at the end: it is permanent).
 const ATTACHMENT_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The run's cgroup directory, for clone3(CLONE_INTO_CGROUP).
+fn open_directory(path: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+        .map_err(|source| Error::Cgroup {
+            action: "opening",
+            path: path.to_owned(),
+            source,
+        })
+}
 
 /// Where the run's enforcement lives.
 pub(super) enum Backend {
@@ -117,21 +132,19 @@ pub(super) async fn supervise(
         .command
         .split_first()
         .expect("run() checked the command is not empty");
-    let mut command = tokio::process::Command::new(program);
-    command.args(args);
-    let procs_fd = procs.as_raw_fd();
-    // SAFETY: the closure only calls write(2), which is async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            // Enter the guarded cgroup before exec: if this fails the command
-            // never starts.
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::from_raw_os_error(PLACEMENT_FAILED));
-            }
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
+    let dir = match open_directory(&path) {
+        Ok(dir) => dir,
+        Err(e) => {
+            drop(events);
+            drop(standalone);
+            return setup_failed(&options, &e);
+        }
+    };
+    let target = spawn::Target {
+        dir: dir.as_fd(),
+        procs: procs.as_fd(),
+    };
+    let mut child = match spawn::spawn(target, program, args) {
         Ok(child) => child,
         Err(e) if e.raw_os_error() == Some(PLACEMENT_FAILED) => {
             drop(events);
@@ -145,7 +158,8 @@ pub(super) async fn supervise(
         }
     };
     drop(procs);
-    let child_pid = child.id().unwrap_or(0);
+    drop(dir);
+    let child_pid = child.id();
 
     let mut state = RunState::new(child_pid, &rules, options.quiet);
     state.hosts = hosts;
@@ -219,7 +233,7 @@ pub(super) async fn supervise(
 }
 
 async fn wait_forwarding_signals(
-    child: &mut tokio::process::Child,
+    child: &mut spawn::Spawned,
     events: &mut Events,
     state: &mut RunState<'_>,
     enforcement: Option<&Enforcement>,
@@ -230,11 +244,9 @@ async fn wait_forwarding_signals(
     let mut terminate = listen(SignalKind::terminate())?;
     let mut hangup = listen(SignalKind::hangup())?;
     let mut quit = listen(SignalKind::quit())?;
-    let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let forward = |signal: nix::sys::signal::Signal| {
-        if let Some(pid) = pid {
-            let _ = nix::sys::signal::kill(pid, signal);
-        }
+        let _ = nix::sys::signal::kill(pid, signal);
     };
     loop {
         tokio::select! {

@@ -621,11 +621,17 @@ extern "C" fn walk_record(index: u64, state: *mut c_void) -> i64 {
     if owner_at + 1 >= len {
         return stop(scratch, Unreadable::Truncated);
     }
-    let points_at_question = read_pair(message, owner_at) == [0xc0, 0x0c];
+    // An owner that points at the question is the question's name, decided
+    // when it was asked: nothing to read (most records of most answers).
+    let owner_is_question = question_known && read_pair(message, owner_at) == [0xc0, 0x0c];
     let name = unsafe { (*scratch).name.as_mut_ptr() };
-    let (end, owner_len) = match read_name(scratch, len, owner_at, name) {
-        Ok(read) => read,
-        Err(reason) => return stop(scratch, reason),
+    let (end, owner_len) = if owner_is_question {
+        (owner_at + 2, 0)
+    } else {
+        match read_name(scratch, len, owner_at, name) {
+            Ok(read) => read,
+            Err(reason) => return stop(scratch, reason),
+        }
     };
     if end + 10 > len {
         return stop(scratch, Unreadable::Truncated);
@@ -638,9 +644,7 @@ extern "C" fn walk_record(index: u64, state: *mut c_void) -> i64 {
         return stop(scratch, Unreadable::Truncated);
     }
     if section != SECTION_AUTHORITY {
-        // An owner that points at the question is the question's name,
-        // decided when it was asked.
-        if !(points_at_question && question_known) {
+        if !owner_is_question {
             match decide_name(name, NAME_CAP as u32, scratch, &binding) {
                 Ok((decision, _)) => {
                     consider(scratch, decision.best, section, rtype, Some(owner_len))

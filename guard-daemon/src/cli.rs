@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    policy::{Policy, RuleSet},
+    policy::Policy,
     report::inventory::{self, Inventory},
     report::render,
     report::Report,
@@ -416,9 +416,10 @@ fn check(files: &[PathBuf]) -> i32 {
             }
         }
     }
-    // Files that are fine alone may still contradict each other.
+    // Files that are fine alone may still contradict each other: the same
+    // compilation `guard run -p A -p B` and the daemon make.
     if !failed && policies.len() > 1 {
-        if let Err(e) = RuleSet::compile(&policies, false) {
+        if let Err(e) = crate::policy::compile(policies, &[], &[], false) {
             eprintln!("{e}");
             failed = true;
         }

@@ -25,7 +25,7 @@ use std::{
 
 use crate::{
     api::{self, client, PolicyText, RunRequest},
-    error::{Error, PolicyError, Result},
+    error::{Error, Result},
     policy::{compile, Policy, RuleSet},
     report::hosts,
 };
@@ -173,11 +173,8 @@ fn load_policies(options: &RunOptions) -> Result<(Vec<PolicyText>, Vec<Policy>, 
     let mut texts = Vec::new();
     let mut policies = Vec::new();
     for path in &options.policy_files {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        policies.push(Policy::parse(&text, path)?);
+        let (text, policy) = Policy::read(path)?;
+        policies.push(policy);
         texts.push(PolicyText {
             path: path.clone(),
             text,

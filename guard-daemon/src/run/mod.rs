@@ -15,6 +15,7 @@
 //! [`conclude`] turns what was seen into the report and the exit status;
 //! [`reaper`] cleans up after a guard that died.
 mod conclude;
+mod outputs;
 mod reaper;
 mod standalone;
 mod supervise;
@@ -29,6 +30,7 @@ use crate::{
     policy::{compile, Policy, RuleSet},
     report::hosts,
 };
+use outputs::Outputs;
 use standalone::{Placement, Standalone};
 use supervise::{supervise, Backend};
 
@@ -95,6 +97,16 @@ pub fn run(options: RunOptions) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     };
+    // Before anything is set up: a report that cannot be written must stop
+    // the run while the command can still be left unrun.
+    let outputs = match Outputs::open(&options) {
+        Ok(outputs) => outputs,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            eprintln!("guard: the command was not run");
+            return EXIT_SETUP_FAILED;
+        }
+    };
     if rules.deny_count() == 0 && !options.quiet {
         eprintln!("guard: warning: no deny rules; nothing will be blocked");
     }
@@ -122,6 +134,7 @@ pub fn run(options: RunOptions) -> i32 {
                         policies,
                         rules,
                         hosts,
+                        outputs,
                         Backend::Daemon(session),
                     )),
                     Err(e) => setup_failed(&options, &e),
@@ -154,6 +167,7 @@ pub fn run(options: RunOptions) -> i32 {
             policies,
             rules,
             hosts,
+            outputs,
             Backend::Standalone(Box::new(backend)),
         )
         .await

@@ -108,7 +108,7 @@ struct DoctorArgs {
     #[arg(long, value_name = "NAME")]
     deny: Vec<String>,
     /// The DNS ports guard runs would inspect.
-    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53", value_parser = dns_port())]
     dns_ports: Vec<u16>,
 }
 
@@ -155,8 +155,9 @@ struct RunArgs {
     /// with 125. A loud warning is printed.
     #[arg(long)]
     fail_open: bool,
-    /// Destination port treated as DNS (UDP and TCP); repeatable, up to 4.
-    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    /// Destination port treated as DNS (UDP and TCP), 1 to 65535;
+    /// repeatable, up to 4.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53", value_parser = dns_port())]
     dns_ports: Vec<u16>,
     /// Create the run's cgroup under this cgroup v2 directory instead of
     /// guard's own cgroup.
@@ -244,6 +245,38 @@ enum ReportFormat {
     Github,
 }
 
+/// A port (0 is not one: it would silently inspect nothing).
+fn dns_port() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..)
+}
+
+/// What clap cannot say in the argument definitions: `--dns-port` at most
+/// [`MAX_DNS_PORTS`](guard_common::maps::MAX_DNS_PORTS) times (the kernel's
+/// port table has that many slots).
+fn validate(cli: &Cli) -> Result<(), clap::Error> {
+    let dns_ports = match &cli.command {
+        Command::Run(args) => &args.dns_ports,
+        Command::Doctor(args) => &args.dns_ports,
+        _ => return Ok(()),
+    };
+    let limit = guard_common::maps::MAX_DNS_PORTS;
+    if dns_ports.len() > limit {
+        return Err(command().error(
+            clap::error::ErrorKind::TooManyValues,
+            format!(
+                "--dns-port given {} times ({}); at most {limit} ports can be inspected",
+                dns_ports.len(),
+                dns_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn ring_size(text: &str) -> Result<u32, String> {
     let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
     if size < 4096 || !size.is_power_of_two() {
@@ -259,7 +292,7 @@ pub fn command() -> clap::Command {
 }
 
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(|cli| validate(&cli).map(|()| cli)) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

@@ -18,12 +18,15 @@ Exit status of `guard run`:
                 the run took a way around the guard (left its cgroup, a
                 packet or raw socket, guard's programs detached, a hosts
                 entry for a denied name), even if CMD exited 0 (the CI gate)
-  125           guard could not set up enforcement, or a policy or option
-                was invalid; CMD was not run (unless --fail-open)
+  125           guard could not set up enforcement, a policy file was
+                unreadable or invalid, or an output file (--report, --junit,
+                --summary-markdown, --record) could not be opened for
+                writing; CMD was not run (unless --fail-open, for set-up)
   126           CMD was found but could not be run
   127           CMD was not found
   128+N         CMD was killed by signal N
-  2             usage error on the command line
+  2             usage error on the command line (also: --dns-port
+                outside 1-65535 or given more than 4 times)
 
 Exit status of `guard policy check`: 0 all files valid, 1 otherwise.
 With --audit --fail-on-block, 77 also when a lookup would have been blocked.";

@@ -51,6 +51,7 @@ impl Policy {
     /// `guard run` and the daemon all make.
     pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
         let file: PolicyFile = yaml::from_str(text, path)?;
+        // yaml::from_str ignored a byte-order mark; so must the line finder.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let name = String::from(file.name);
         if name.trim().is_empty() {

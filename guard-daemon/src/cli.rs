@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    policy::{Policy, RuleSet},
+    policy::Policy,
     report::inventory::{self, Inventory},
     report::render,
     report::Report,
@@ -18,12 +18,15 @@ Exit status of `guard run`:
                 the run took a way around the guard (left its cgroup, a
                 packet or raw socket, guard's programs detached, a hosts
                 entry for a denied name), even if CMD exited 0 (the CI gate)
-  125           guard could not set up enforcement, or a policy or option
-                was invalid; CMD was not run (unless --fail-open)
+  125           guard could not set up enforcement, a policy file was
+                unreadable or invalid, or an output file (--report, --junit,
+                --summary-markdown, --record) could not be opened for
+                writing; CMD was not run (unless --fail-open, for set-up)
   126           CMD was found but could not be run
   127           CMD was not found
   128+N         CMD was killed by signal N
-  2             usage error on the command line
+  2             usage error on the command line (also: --dns-port
+                outside 1-65535 or given more than 4 times)
 
 Exit status of `guard policy check`: 0 all files valid, 1 otherwise.
 With --audit --fail-on-block, 77 also when a lookup would have been blocked.";
@@ -108,7 +111,7 @@ struct DoctorArgs {
     #[arg(long, value_name = "NAME")]
     deny: Vec<String>,
     /// The DNS ports guard runs would inspect.
-    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53", value_parser = dns_port())]
     dns_ports: Vec<u16>,
 }
 
@@ -155,8 +158,9 @@ struct RunArgs {
     /// with 125. A loud warning is printed.
     #[arg(long)]
     fail_open: bool,
-    /// Destination port treated as DNS (UDP and TCP); repeatable, up to 4.
-    #[arg(long = "dns-port", value_name = "PORT", default_value = "53")]
+    /// Destination port treated as DNS (UDP and TCP), 1 to 65535;
+    /// repeatable, up to 4.
+    #[arg(long = "dns-port", value_name = "PORT", default_value = "53", value_parser = dns_port())]
     dns_ports: Vec<u16>,
     /// Create the run's cgroup under this cgroup v2 directory instead of
     /// guard's own cgroup.
@@ -244,6 +248,38 @@ enum ReportFormat {
     Github,
 }
 
+/// A port (0 is not one: it would silently inspect nothing).
+fn dns_port() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..)
+}
+
+/// What clap cannot say in the argument definitions: `--dns-port` at most
+/// [`MAX_DNS_PORTS`](guard_common::maps::MAX_DNS_PORTS) times (the kernel's
+/// port table has that many slots).
+fn validate(cli: &Cli) -> Result<(), clap::Error> {
+    let dns_ports = match &cli.command {
+        Command::Run(args) => &args.dns_ports,
+        Command::Doctor(args) => &args.dns_ports,
+        _ => return Ok(()),
+    };
+    let limit = guard_common::maps::MAX_DNS_PORTS;
+    if dns_ports.len() > limit {
+        return Err(command().error(
+            clap::error::ErrorKind::TooManyValues,
+            format!(
+                "--dns-port given {} times ({}); at most {limit} ports can be inspected",
+                dns_ports.len(),
+                dns_ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn ring_size(text: &str) -> Result<u32, String> {
     let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
     if size < 4096 || !size.is_power_of_two() {
@@ -259,7 +295,7 @@ pub fn command() -> clap::Command {
 }
 
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(|cli| validate(&cli).map(|()| cli)) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -416,9 +452,10 @@ fn check(files: &[PathBuf]) -> i32 {
             }
         }
     }
-    // Files that are fine alone may still contradict each other.
+    // Files that are fine alone may still contradict each other: the same
+    // compilation `guard run -p A -p B` and the daemon make.
     if !failed && policies.len() > 1 {
-        if let Err(e) = RuleSet::compile(&policies, false) {
+        if let Err(e) = crate::policy::compile(policies, &[], &[], false) {
             eprintln!("{e}");
             failed = true;
         }

@@ -6,6 +6,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum PolicyError {
+    #[error(transparent)]
+    Input(#[from] crate::input::InputError),
     #[error("{}: cannot read: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -42,22 +44,26 @@ pub enum Error {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object: {}", with_causes(.0))]
     Ebpf(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}: {}", with_causes(source))]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}: {}", with_causes(source))]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    /// A pinned program or map that cannot be opened (BPF_OBJ_GET).
+    #[error("opening {}: {message}", path.display())]
+    OpenPin { path: PathBuf, message: String },
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
     #[error("the guard daemon refused: {0}")]
     Daemon(String),
+    /// `pinning WHAT (at PATH): WHY`, WHY ending with the errno's text.
     #[error("pinning {0}: {1}")]
     Pin(String, String),
     #[error("tracefs: {0}")]
@@ -81,3 +87,39 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error's message followed by those of its causes, each once: aya's
+/// errors say "`BPF_OBJ_PIN` failed" and keep the errno ("File exists") in
+/// their source, which a plain `{}` never shows.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        let text = source.to_string();
+        // thiserror's `#[error(transparent)]` and messages that already
+        // embed their source would otherwise repeat it.
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = source.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_are_shown_once_each() {
+        let errno = io::Error::from_raw_os_error(libc::EEXIST);
+        let pin = aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_OBJ_PIN",
+            io_error: errno,
+        });
+        assert_eq!(
+            Error::Pin("/sys/fs/bpf/guard/x".into(), with_causes(&pin)).to_string(),
+            "pinning /sys/fs/bpf/guard/x: `BPF_OBJ_PIN` failed: File exists (os error 17)"
+        );
+    }
+}

@@ -11,6 +11,8 @@
 //! - [`daemon`]: the long-lived service (`guard daemon`);
 //! - [`api`]: the daemon's socket protocol and its client;
 //! - [`doctor`]: `guard doctor`, what on this host weakens the guard;
+//! - [`input`]: reading input files (policies, configuration, reports)
+//!   safely: regular files only, size-capped, UTF-8 checked;
 //! - [`cli`]: the command line on top of all of them.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod daemon;
 pub mod doctor;
 pub mod error;
+pub mod input;
 pub mod kernel;
 pub mod policy;
 pub mod report;

@@ -454,6 +454,62 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
     );
 }
 
+/// A FIFO, a device and a directory named like policies in the policies
+/// directory: a reload and a restart skip them instead of hanging on the
+/// FIFO or reading the device forever, and say so in the log and in
+/// `guard status`; the real policies still apply.
+#[test]
+fn special_files_in_the_policies_directory_are_skipped_and_reported() {
+    let _sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(
+        &[FRONTEND],
+        "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
+    );
+    let policies = daemon.dir.path().join("policies");
+    nix::unistd::mkfifo(&policies.join("fifo.yaml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", policies.join("zero.yaml")).unwrap();
+    fs::create_dir(policies.join("dir.yml")).unwrap();
+    let expected = [
+        format!(
+            "{}/dir.yml: cannot read: it is a directory, not a regular file",
+            policies.display()
+        ),
+        format!(
+            "{}/fifo.yaml: cannot read: it is a FIFO, not a regular file",
+            policies.display()
+        ),
+        format!(
+            "{}/zero.yaml: cannot read: it is a character device, not a regular file",
+            policies.display()
+        ),
+    ];
+    let reload = common::bounded(daemon.admin(&["reload"]), daemon.dir.path());
+    assert_eq!(reload.code, 0, "{reload:?}\n{}", daemon.log());
+    let skipped = |daemon: &TestDaemon| -> Vec<String> {
+        serde_json::from_value(daemon.status()["skipped_policy_files"].clone()).unwrap()
+    };
+    assert_eq!(skipped(&daemon), expected);
+    assert_eq!(daemon.status()["bindings"][0]["policies"][0], "frontend");
+    let status = common::bounded(daemon.admin(&["status"]), daemon.dir.path());
+    assert!(
+        status.stdout.contains("skipped in the policies directory:"),
+        "{status:?}"
+    );
+    // A start reads the directory too (spawn waits for the daemon to answer).
+    daemon.kill9();
+    daemon.spawn();
+    assert_eq!(skipped(&daemon), expected);
+    for message in &expected {
+        assert!(
+            daemon
+                .log()
+                .contains(&format!("skipped in the policies directory: {message}")),
+            "{}",
+            daemon.log()
+        );
+    }
+}
+
 /// Reloading while lookups run: names denied in both policies are never
 /// answered, names allowed in both are always answered, and a broken policy
 /// is refused with its file and line, the old one staying in force.

@@ -125,6 +125,12 @@ fn status_text(status: &Status) -> String {
         "totals: inspected {}, blocked {}, audited {}, unreadable {}, unbound {}, events lost {}; {} rules loaded",
         t.inspected, t.blocked, t.audited, t.unreadable, t.unbound, status.events_lost, status.rules_loaded
     );
+    if !status.skipped_policy_files.is_empty() {
+        let _ = writeln!(out, "skipped in the policies directory:");
+        for skipped in &status.skipped_policy_files {
+            let _ = writeln!(out, "  {skipped}");
+        }
+    }
     out
 }
 

@@ -264,6 +264,10 @@ pub struct Status {
     pub totals: Counters,
     pub events_lost: u64,
     pub rules_loaded: usize,
+    /// Entries of the policies directory that are not regular files, each
+    /// with why; skipped at the last (re)load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_policy_files: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

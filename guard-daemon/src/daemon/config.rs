@@ -22,7 +22,8 @@ use serde::Deserialize;
 
 use crate::{
     error::PolicyError,
-    policy::{Mode, Policy, RuleSet},
+    input::{self, InputError},
+    policy::{check_unique_names, yaml, yaml::Text, Mode, Policy, RuleSet},
 };
 
 pub const DEFAULT_CONFIG: &str = "/etc/guard/daemon.yaml";
@@ -32,21 +33,21 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/guard";
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
-    policies_dir: Option<PathBuf>,
+    policies_dir: Option<Text>,
     #[serde(default)]
     bindings: Vec<BindingFile>,
     #[serde(default)]
-    socket: Option<PathBuf>,
+    socket: Option<Text>,
     #[serde(default)]
-    pin_dir: Option<PathBuf>,
+    pin_dir: Option<Text>,
     #[serde(default)]
-    runs_cgroup: Option<PathBuf>,
+    runs_cgroup: Option<Text>,
     #[serde(default)]
-    metrics_address: Option<String>,
+    metrics_address: Option<Text>,
     #[serde(default)]
     dns_ports: Option<Vec<u16>>,
     #[serde(default)]
-    resolver_sockets: Vec<PathBuf>,
+    resolver_sockets: Vec<Text>,
     #[serde(default)]
     rule_capacity: Option<u32>,
     #[serde(default)]
@@ -59,10 +60,10 @@ struct ConfigFile {
 #[serde(deny_unknown_fields)]
 struct BindingFile {
     #[serde(default)]
-    unit: Option<String>,
+    unit: Option<Text>,
     #[serde(default)]
-    cgroup: Option<PathBuf>,
-    policies: Vec<String>,
+    cgroup: Option<Text>,
+    policies: Vec<Text>,
     #[serde(default)]
     mode: Option<Mode>,
 }
@@ -115,16 +116,17 @@ pub struct Config {
     pub rule_capacity: u32,
     pub max_policies: u32,
     pub ring_buffer_size: u32,
+    /// Entries of the policies directory named like policies that are not
+    /// regular files (a FIFO, a device, a directory), each with why: they
+    /// are skipped, never read, and the daemon reports them.
+    pub skipped_policy_files: Vec<String>,
 }
 
 impl Config {
     /// Reads the configuration and every policy it names. Every problem is
     /// reported with the file, the line and the offending value.
     pub fn load(path: &Path) -> Result<Config, PolicyError> {
-        let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = input::read_text(path)?;
         Config::parse(path, &text)
     }
 
@@ -139,11 +141,7 @@ impl Config {
     }
 
     fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
-        let file: ConfigFile = serde_yaml::from_str(text).map_err(|error| PolicyError::Syntax {
-            path: path.to_owned(),
-            line: error.location().map(|l| l.line()),
-            message: strip_location(&error.to_string()),
-        })?;
+        let file: ConfigFile = yaml::from_str(text, path)?;
         let invalid = |needle: &str, message: String| PolicyError::Invalid {
             path: path.to_owned(),
             line: line_of(text, needle),
@@ -153,18 +151,20 @@ impl Config {
         let policies_dir = base.join(
             file.policies_dir
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("policies")),
+                .map_or_else(|| PathBuf::from("policies"), PathBuf::from),
         );
         // Policies serve bindings only: without either there is nothing to load.
+        let mut skipped_policy_files = Vec::new();
         let policies = if file.bindings.is_empty() && !policies_dir.exists() {
             BTreeMap::new()
         } else {
-            load_policy_dir(&policies_dir)?
+            load_policy_dir(&policies_dir, &mut skipped_policy_files)?
         };
 
         let mut bindings = Vec::new();
         for (index, binding) in file.bindings.iter().enumerate() {
-            let target = match (&binding.unit, &binding.cgroup) {
+            let cgroup = binding.cgroup.clone().map(PathBuf::from);
+            let target = match (binding.unit.as_ref().map(|Text(unit)| unit), &cgroup) {
                 (Some(unit), None) if valid_unit_name(unit) => Target::Unit(unit.clone()),
                 (Some(unit), None) => {
                     return Err(invalid(
@@ -210,7 +210,8 @@ impl Config {
                 ));
             }
             let mut chosen = Vec::new();
-            for name in &binding.policies {
+            let names: Vec<String> = binding.policies.iter().cloned().map(String::from).collect();
+            for name in &names {
                 let policy = policies.get(name).ok_or_else(|| {
                     invalid(
                         name,
@@ -235,7 +236,7 @@ impl Config {
             }
             bindings.push(BindingConfig {
                 target,
-                policies: binding.policies.clone(),
+                policies: names,
                 mode,
                 rules: Arc::new(rules),
             });
@@ -243,7 +244,7 @@ impl Config {
 
         let metrics_address = match &file.metrics_address {
             None => None,
-            Some(text) => {
+            Some(Text(text)) => {
                 let address: SocketAddr = text.parse().map_err(|e| {
                     invalid(
                         text,
@@ -287,18 +288,31 @@ impl Config {
             bindings,
             socket: file
                 .socket
-                .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET)),
+                .map_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET), PathBuf::from),
             pin_dir: file
                 .pin_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
-            runs_cgroup: file.runs_cgroup,
+                .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), PathBuf::from),
+            runs_cgroup: file.runs_cgroup.map(PathBuf::from),
             metrics_address,
             dns_ports,
-            resolver_sockets: file.resolver_sockets.clone(),
+            resolver_sockets: file
+                .resolver_sockets
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             rule_capacity: file.rule_capacity.unwrap_or(131_072).max(1),
             max_policies: file.max_policies.unwrap_or(4096).max(16),
             ring_buffer_size,
+            skipped_policy_files,
         })
+    }
+
+    /// Logs each skipped entry of the policies directory (at start and on
+    /// every reload, so the journal says why a policy is missing).
+    pub fn warn_about_skipped_files(&self) {
+        for skipped in &self.skipped_policy_files {
+            tracing::warn!("skipped in the policies directory: {skipped}");
+        }
     }
 
     /// Settings that are baked into the loaded object or the process; a
@@ -322,8 +336,14 @@ impl Config {
 }
 
 /// Every `*.yaml`/`*.yml` policy in `dir`, by name. Two files with one name
-/// are an error: a binding must not depend on directory order.
-fn load_policy_dir(dir: &Path) -> Result<BTreeMap<String, Policy>, PolicyError> {
+/// are an error: a binding must not depend on directory order. Entries that
+/// are not regular files go to `skipped` (a FIFO must not hang a reload; a
+/// stray directory must not stop the daemon); a policy a binding needs is
+/// then reported missing, with the file named in the log.
+fn load_policy_dir(
+    dir: &Path,
+    skipped: &mut Vec<String>,
+) -> Result<BTreeMap<String, Policy>, PolicyError> {
     let entries = fs::read_dir(dir).map_err(|source| PolicyError::Read {
         path: dir.to_owned(),
         source,
@@ -334,23 +354,21 @@ fn load_policy_dir(dir: &Path) -> Result<BTreeMap<String, Policy>, PolicyError> 
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     paths.sort();
-    let mut policies: BTreeMap<String, Policy> = BTreeMap::new();
+    let mut policies = Vec::new();
     for path in paths {
-        let policy = Policy::load(&path)?;
-        if let Some(other) = policies.get(&policy.name) {
-            return Err(PolicyError::Invalid {
-                path: path.clone(),
-                line: None,
-                message: format!(
-                    "policy name {:?} is also used by {}",
-                    policy.name,
-                    other.source.as_deref().unwrap_or(Path::new("?")).display()
-                ),
-            });
+        match Policy::load(&path) {
+            Ok(policy) => policies.push(policy),
+            Err(PolicyError::Input(error @ InputError::NotRegular { .. })) => {
+                skipped.push(error.to_string());
+            }
+            Err(error) => return Err(error),
         }
-        policies.insert(policy.name.clone(), policy);
     }
-    Ok(policies)
+    check_unique_names(&policies)?;
+    Ok(policies
+        .into_iter()
+        .map(|policy| (policy.name.clone(), policy))
+        .collect())
 }
 
 fn valid_unit_name(unit: &str) -> bool {
@@ -369,13 +387,6 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines()
         .position(|line| line.contains(needle))
         .map(|index| index + 1)
-}
-
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(at) => message[..at].to_owned(),
-        None => message.to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -484,6 +495,51 @@ mod tests {
         );
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains("policies: cannot read"), "{message}");
+    }
+
+    #[test]
+    fn special_files_in_the_policies_dir_are_skipped_and_named() {
+        let (dir, path) =
+            setup("bindings:\n  - unit: deploy-agent.service\n    policies: [frontend]\n");
+        let policies = dir.path().join("policies");
+        let fifo = policies.join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fs::create_dir(policies.join("dir.yml")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", policies.join("zero.yaml")).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.bindings.len(), 1);
+        assert_eq!(
+            config.skipped_policy_files,
+            [
+                format!(
+                    "{}/dir.yml: cannot read: it is a directory, not a regular file",
+                    policies.display()
+                ),
+                format!(
+                    "{}: cannot read: it is a FIFO, not a regular file",
+                    fifo.display()
+                ),
+                format!(
+                    "{}/zero.yaml: cannot read: it is a character device, not a regular file",
+                    policies.display()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_in_the_configuration_are_errors_with_lines() {
+        let (_dir, path) = setup("bindings:\n  - unit: 5\n    policies: [frontend]\n");
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            message.contains(":2: bindings[0].unit: invalid type: integer `5`"),
+            "{message}"
+        );
+        let (_dir, path) = setup("\u{feff}socket: /run/g.sock\n");
+        assert_eq!(
+            Config::load(&path).unwrap().socket,
+            PathBuf::from("/run/g.sock")
+        );
     }
 
     #[test]

@@ -81,7 +81,10 @@ pub fn main(options: DaemonOptions) -> i32 {
         );
     }
     let config = match Config::load_or_default(&options.config) {
-        Ok(config) => config,
+        Ok(config) => {
+            config.warn_about_skipped_files();
+            config
+        }
         Err(e) => {
             eprintln!("guard daemon: {e}");
             return 1;
@@ -547,14 +550,20 @@ impl Daemon {
 
     fn swap_configuration(&mut self) -> Result<String, String> {
         let config = Config::load(&self.config.path).map_err(|e| e.to_string())?;
+        config.warn_about_skipped_files();
         let mut notes = String::new();
         if config.restart_only_settings() != self.config.restart_only_settings() {
             notes = " (socket, pin_dir, runs_cgroup, metrics_address, dns_ports, resolver_sockets and capacities change only on restart)".into();
         }
-        let Config { bindings, .. } = config;
+        let Config {
+            bindings,
+            skipped_policy_files,
+            ..
+        } = config;
         let count = bindings.len();
         let prepared = Bindings::prepare(bindings, &mut self.kernel, &mut self.policies)
             .map_err(|e| e.to_string())?;
+        self.config.skipped_policy_files = skipped_policy_files;
         self.bindings
             .switch(prepared, &mut self.kernel, &mut self.policies, &self.tree);
         Ok(format!(

@@ -93,6 +93,7 @@ impl Daemon {
             totals: Counters::read(global),
             events_lost: global(Counter::EventsLost),
             rules_loaded: self.kernel.rule_count().unwrap_or(0),
+            skipped_policy_files: self.config.skipped_policy_files.clone(),
         }
     }
 

@@ -89,7 +89,7 @@ impl CgroupHook {
             }
             _ => return Err(Error::Missing(name)),
         };
-        link.map_err(|e| Error::Pin(name.into(), e.to_string()))
+        link.map_err(|e| Error::Pin(name.into(), crate::error::with_causes(&e)))
     }
 }
 

@@ -23,7 +23,7 @@ use super::{
     programs::{egress_stats, generation, LoadOptions, Programs},
     unixhooks::{UnixHooks, UNIX_HOOKS},
 };
-use crate::error::{Error, Result};
+use crate::error::{with_causes, Error, Result};
 
 /// Maps the daemon keeps pinned (the scratch maps live as long as the
 /// program that uses them, which is pinned too).
@@ -95,8 +95,11 @@ impl Pinned {
     pub fn open(dir: &Path) -> Result<Pinned> {
         let mut maps = std::collections::HashMap::new();
         for name in PINNED_MAPS {
-            let data = MapData::from_pin(dir.join(format!("map_{name}")))
-                .map_err(|source| Error::Map { name, source })?;
+            let path = dir.join(format!("map_{name}"));
+            let data = MapData::from_pin(&path).map_err(|e| Error::OpenPin {
+                message: with_causes(&e),
+                path,
+            })?;
             let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
             maps.insert(name, map);
         }
@@ -104,7 +107,10 @@ impl Pinned {
         for hook in CgroupHook::ALL {
             let name = hook.program();
             let path = dir.join(format!("prog_{name}"));
-            let error = |source| Error::Program { name, source };
+            let error = |e: aya::programs::ProgramError| Error::OpenPin {
+                path: path.clone(),
+                message: with_causes(&e),
+            };
             let program = match hook {
                 CgroupHook::Egress => Program::CgroupSkb(
                     CgroupSkb::from_pin(&path, CgroupSkbAttachType::Egress).map_err(error)?,
@@ -181,7 +187,7 @@ impl Pinned {
             }
             let link = hook.attach(&mut self.hooks[index].1, cgroup)?;
             link.pin(&path)
-                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+                .map_err(|e| Error::Pin(path.display().to_string(), with_causes(&e)))?;
             made.push(path);
         }
         Ok(())
@@ -207,7 +213,7 @@ impl Pinned {
                 .attach_one(name, cgroup.as_fd())
                 .map_err(Error::io(format!("attaching {name}")))?;
             bpfsys::pin(link.as_fd(), &path)
-                .map_err(|e| Error::Pin(path.display().to_string(), e.to_string()))?;
+                .map_err(|e| Error::Pin(path.display().to_string(), with_causes(&e)))?;
             made.push(path);
         }
         Ok(())

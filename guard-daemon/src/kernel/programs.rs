@@ -27,7 +27,7 @@ use super::{
     pinned::PINNED_MAPS,
     unixhooks::{sock_addr_offsets, UnixHooks},
 };
-use crate::error::{Error, Result};
+use crate::error::{with_causes, Error, Result};
 
 /// The kernel object, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard-ebpf"));
@@ -225,23 +225,25 @@ impl Programs {
     /// Pins programs, maps and the tracepoint links into `dir` (which must
     /// exist on bpffs), so that all of it outlives this process.
     pub(super) fn pin_into(mut self, dir: &Path) -> Result<()> {
-        let pin_error = |what: String| move |e: aya::pin::PinError| Error::Pin(what, e.to_string());
+        let pin_error = |path: &Path| {
+            let path = path.display().to_string();
+            move |e: aya::pin::PinError| Error::Pin(path, with_causes(&e))
+        };
         for (name, id) in std::mem::take(&mut self.tracepoint_links) {
             let tracepoint: &mut TracePoint = program(&mut self.ebpf, name)?;
             let link = tracepoint
                 .take_link(id)
                 .map_err(|source| Error::Program { name, source })?;
             let link =
-                FdLink::try_from(link).map_err(|e| Error::Pin(name.into(), e.to_string()))?;
-            link.pin(dir.join(format!("link_{name}")))
-                .map_err(pin_error(name.into()))?;
+                FdLink::try_from(link).map_err(|e| Error::Pin(name.into(), with_causes(&e)))?;
+            let path = dir.join(format!("link_{name}"));
+            link.pin(&path).map_err(pin_error(&path))?;
         }
         for hook in CgroupHook::ALL {
             let name = hook.program();
             let program = self.ebpf.program_mut(name).ok_or(Error::Missing(name))?;
-            program
-                .pin(dir.join(format!("prog_{name}")))
-                .map_err(pin_error(name.into()))?;
+            let path = dir.join(format!("prog_{name}"));
+            program.pin(&path).map_err(pin_error(&path))?;
         }
         if let Ok(unix) = &self.unix {
             unix.pin_into(dir)
@@ -256,8 +258,8 @@ impl Programs {
         }
         for name in PINNED_MAPS {
             let map = self.ebpf.map(name).ok_or(Error::Missing(name))?;
-            map.pin(dir.join(format!("map_{name}")))
-                .map_err(pin_error(name.into()))?;
+            let path = dir.join(format!("map_{name}"));
+            map.pin(&path).map_err(pin_error(&path))?;
         }
         Ok(())
     }

@@ -131,10 +131,12 @@ impl UnixHooks {
             .collect()
     }
 
-    /// Pins the programs as `prog_<name>` in `dir`.
+    /// Pins the programs as `prog_<name>` in `dir`; an error names the path.
     pub fn pin_into(&self, dir: &Path) -> std::io::Result<()> {
         for (name, _, fd) in &self.programs {
-            bpfsys::pin(fd.as_fd(), &dir.join(format!("prog_{name}")))?;
+            let path = dir.join(format!("prog_{name}"));
+            bpfsys::pin(fd.as_fd(), &path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Policy files (YAML) and command-line rules, validated: every problem is
 //! reported with the file, the line and the offending value.
-use std::{fs, path::Path};
+use std::path::Path;
 
 use guard_common::pattern::Pattern;
 use serde::Deserialize;
@@ -9,23 +9,23 @@ use yaml_rust2::{
     scanner::Marker,
 };
 
-use super::{Mode, Origin, Policy, Rule, RuleKind};
-use crate::error::PolicyError;
+use super::{yaml, yaml::Text, Mode, Origin, Policy, Rule, RuleKind};
+use crate::{error::PolicyError, input};
 
 /// The file format. Unknown keys are errors: a typo such as `denny:` must
 /// not silently produce a policy that blocks nothing.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
-    name: String,
+    name: Text,
     #[serde(default)]
-    description: Option<String>,
+    description: Option<Text>,
     #[serde(default)]
     mode: Mode,
     #[serde(default)]
-    deny: Vec<String>,
+    deny: Vec<Text>,
     #[serde(default)]
-    allow: Vec<String>,
+    allow: Vec<Text>,
     /// Packet and raw sockets are expected (a tool that needs them): they
     /// are still reported, but neither killed nor failing the run.
     #[serde(default)]
@@ -36,20 +36,25 @@ impl Policy {
     /// Reads and validates a policy file. Every problem is reported with the
     /// file, the line and the offending value.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Policy::parse(&text, path)
+        Policy::read(path).map(|(_, policy)| policy)
     }
 
+    /// [`Policy::load`], also returning the file's text (a run sends it to
+    /// the daemon, which parses it again).
+    pub fn read(path: &Path) -> Result<(String, Policy), PolicyError> {
+        let text = input::read_text(path)?;
+        let policy = Policy::parse(&text, path)?;
+        Ok((text, policy))
+    }
+
+    /// Validates a policy's text: the one check `guard policy check`,
+    /// `guard run` and the daemon all make.
     pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
-        let file: PolicyFile = serde_yaml::from_str(text).map_err(|error| PolicyError::Syntax {
-            path: path.to_owned(),
-            line: error.location().map(|l| l.line()),
-            message: strip_location(&error.to_string()),
-        })?;
-        if file.name.trim().is_empty() {
+        let file: PolicyFile = yaml::from_str(text, path)?;
+        // yaml::from_str ignored a byte-order mark; so must the line finder.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let name = String::from(file.name);
+        if name.trim().is_empty() {
             return Err(PolicyError::Invalid {
                 path: path.to_owned(),
                 line: entry_lines(text).name,
@@ -62,7 +67,7 @@ impl Policy {
             (RuleKind::Deny, &file.deny, &lines.deny),
             (RuleKind::Allow, &file.allow, &lines.allow),
         ] {
-            for (index, text) in entries.iter().enumerate() {
+            for (index, Text(text)) in entries.iter().enumerate() {
                 let line = entry_lines.get(index).copied();
                 let pattern = Pattern::parse(text).map_err(|reason| PolicyError::Invalid {
                     path: path.to_owned(),
@@ -73,7 +78,7 @@ impl Policy {
                     kind,
                     pattern,
                     mode: file.mode,
-                    policy: file.name.clone(),
+                    policy: name.clone(),
                     origin: Origin {
                         file: Some(path.to_owned()),
                         line,
@@ -82,8 +87,8 @@ impl Policy {
             }
         }
         Ok(Policy {
-            name: file.name,
-            description: file.description,
+            name,
+            description: file.description.map(String::from),
             mode: file.mode,
             source: Some(path.to_owned()),
             rules,
@@ -119,14 +124,6 @@ impl Policy {
             rules,
             allow_raw_sockets: false,
         })
-    }
-}
-
-/// serde_yaml appends " at line L column C"; we print the location ourselves.
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(at) => message[..at].to_owned(),
-        None => message.to_owned(),
     }
 }
 
@@ -314,10 +311,31 @@ mod tests {
     }
 
     #[test]
+    fn wrong_types_bom_and_bad_bytes_are_errors_with_lines() {
+        let e = error("name: 123\n");
+        assert!(
+            e.starts_with("p.yaml:1: name: invalid type: integer `123`"),
+            "{e}"
+        );
+        let e = error("name: db\ndeny:\n  - a.internal\n  - true\n");
+        assert!(
+            e.starts_with("p.yaml:4: deny[1]: invalid type: boolean `true`"),
+            "{e}"
+        );
+        let e = error("name: db\ndescription: 5\n");
+        assert!(
+            e.starts_with("p.yaml:2: description: invalid type: integer"),
+            "{e}"
+        );
+        let p = parse("\u{feff}name: db\ndeny:\n  - a.internal\n").unwrap();
+        assert_eq!(p.rules[0].origin.line, Some(3));
+    }
+
+    #[test]
     fn shipped_policies_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let mut seen = 0;
-        for entry in fs::read_dir(&dir).unwrap() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "yaml") {
                 let policy = Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));

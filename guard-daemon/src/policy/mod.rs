@@ -14,6 +14,8 @@
 //! ```
 //!
 //! - [`file`]: reading and validating a policy file (and `--deny`/`--allow`);
+//! - [`yaml`]: the YAML rules policies and the daemon's configuration
+//!   share (depth limit, strict strings, errors with file and line);
 //! - [`rules`]: merging policies into a [`RuleSet`], the rule table the
 //!   kernel's rule map is written from and userspace re-checks verdicts with.
 //!
@@ -21,13 +23,14 @@
 //! rules.
 mod file;
 mod rules;
+pub mod yaml;
 
 use std::{fmt, path::PathBuf};
 
 use guard_common::pattern::Pattern;
 use serde::{Deserialize, Serialize};
 
-pub use rules::{compile, RuleSet};
+pub use rules::{check_unique_names, compile, RuleSet};
 
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, PartialOrd, Ord, Hash,

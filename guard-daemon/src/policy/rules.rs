@@ -25,6 +25,7 @@ impl RuleSet {
     /// since neither reading is obviously what the author meant.
     /// `force_audit` turns every deny into a report-only rule.
     pub fn compile(policies: &[Policy], force_audit: bool) -> Result<RuleSet, PolicyError> {
+        check_unique_names(policies)?;
         let mut merged: BTreeMap<Pattern, Rule> = BTreeMap::new();
         for rule in policies.iter().flat_map(|p| p.rules.iter()) {
             let mut rule = rule.clone();
@@ -149,8 +150,39 @@ impl RuleSet {
     }
 }
 
+/// Two files that give one policy name: reports, logs and the daemon's
+/// bindings name policies, so each name must mean one file. (The same file
+/// given twice is one policy.)
+pub fn check_unique_names(policies: &[Policy]) -> Result<(), PolicyError> {
+    let mut seen: HashMap<&str, &Policy> = HashMap::new();
+    for policy in policies {
+        match seen.get(policy.name.as_str()) {
+            Some(first) if first.source != policy.source => {
+                let described = |source: &Option<std::path::PathBuf>| match source {
+                    Some(path) => path.display().to_string(),
+                    None => "the command line".to_owned(),
+                };
+                return Err(PolicyError::Invalid {
+                    path: policy.source.clone().unwrap_or_default(),
+                    line: None,
+                    message: format!(
+                        "policy name {:?} is also used by {}",
+                        policy.name,
+                        described(&first.source)
+                    ),
+                });
+            }
+            _ => {
+                seen.insert(&policy.name, policy);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Adds the command-line rules to the policies and compiles them: the one
-/// compilation both `guard run` and the daemon use, so rule ids agree.
+/// compilation `guard run`, `guard policy check` and the daemon use, so
+/// they accept the same policies and rule ids agree.
 pub fn compile(
     mut policies: Vec<Policy>,
     deny: &[String],
@@ -196,5 +228,17 @@ mod tests {
         assert!(e.contains("*.y.internal"), "{e}");
         assert!(e.contains("deny in policy a (p.yaml:3)"), "{e}");
         assert!(e.contains("allow in policy c (p.yaml:2)"), "{e}");
+    }
+
+    #[test]
+    fn one_name_in_two_files_is_an_error() {
+        let a = Policy::parse("name: a\n", Path::new("one.yaml")).unwrap();
+        let again = Policy::parse("name: a\n", Path::new("two.yaml")).unwrap();
+        let e = RuleSet::compile(&[a.clone(), again], false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "two.yaml: policy name \"a\" is also used by one.yaml");
+        // The same file twice is one policy.
+        assert!(RuleSet::compile(&[a.clone(), a], false).is_ok());
     }
 }

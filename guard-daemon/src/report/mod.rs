@@ -358,8 +358,7 @@ pub fn load_versioned<T: serde::de::DeserializeOwned>(
     expected: &str,
     schema: impl Fn(&T) -> &str,
 ) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let text = crate::input::read_text(path).map_err(|e| e.to_string())?;
     let document: T = serde_json::from_str(&text)
         .map_err(|e| format!("{}: not a {what}: {e}", path.display()))?;
     let found = schema(&document);

@@ -1,14 +1,15 @@
 //! The end of a run: the report from what was seen, every output asked for,
 //! and guard's exit status.
 use std::{
-    fs::File,
-    io::{self, IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     os::unix::process::ExitStatusExt as _,
     process::ExitStatus,
     time::{Instant, SystemTime},
 };
 
-use super::{exit_code_of, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_SETUP_FAILED};
+use super::{
+    exit_code_of, outputs::Kind, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_SETUP_FAILED,
+};
 use crate::{
     api::RunTotals,
     policy::{Mode, Policy},
@@ -141,62 +142,33 @@ pub(super) fn conclude(
             "guard: exit {EXIT_BLOCKED}: {failing_evidence} way(s) around the DNS guard (escapes, raw sockets, tampering, hosts entries; listed above) (the command itself exited with {command_code})"
         );
     }
-    let mut failed_outputs = false;
-    let mut write = |path: &std::path::Path, text: &str, append: bool| {
-        if let Err(e) = write_text(path, text, append) {
-            eprintln!("guard: writing {}: {e}", path.display());
-            failed_outputs = true;
-        }
-    };
     if std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true") {
         for line in render::github_annotations(&report) {
             println!("{line}");
         }
-        if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|s| !s.is_empty()) {
-            write(
-                std::path::Path::new(&summary),
-                &render::markdown(&report),
-                true,
-            );
+    }
+    // The files were opened before the command started (run::outputs).
+    let written = state.outputs.write_all(|kind| match kind {
+        Kind::StepSummary | Kind::SummaryMarkdown => Some(render::markdown(&report)),
+        Kind::Junit => Some(render::junit(&report)),
+        Kind::Report => {
+            Some(serde_json::to_string_pretty(&report).expect("a report serialises") + "\n")
         }
-    }
-    if let Some(path) = &options.summary_markdown {
-        write(path, &render::markdown(&report), false);
-    }
-    if let Some(path) = &options.junit {
-        write(path, &render::junit(&report), false);
-    }
-    if let Some(path) = &options.report {
-        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-        write(path, &(json + "\n"), false);
-    }
-    if let Some(path) = &options.record {
-        let mut all = recorded;
-        all.extend(report.events.iter().cloned());
-        let inventory = Inventory::build(
-            command,
-            started_at,
-            &all,
-            &state.qtype_codes,
-            &allowed_counts,
-        );
-        let json = serde_json::to_string_pretty(&inventory).expect("a record serialises");
-        write(path, &(json + "\n"), false);
-    }
-    if failed_outputs {
+        Kind::Record => {
+            let mut all = recorded.clone();
+            all.extend(report.events.iter().cloned());
+            let inventory = Inventory::build(
+                command.clone(),
+                started_at.clone(),
+                &all,
+                &state.qtype_codes,
+                &allowed_counts,
+            );
+            Some(serde_json::to_string_pretty(&inventory).expect("a record serialises") + "\n")
+        }
+    });
+    if !written {
         return EXIT_SETUP_FAILED;
     }
     exit_code
-}
-
-fn write_text(path: &std::path::Path, text: &str, append: bool) -> io::Result<()> {
-    let mut file = if append {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?
-    } else {
-        File::create(path)?
-    };
-    file.write_all(text.as_bytes())
 }

@@ -16,6 +16,7 @@
 //! [`reaper`] cleans up after a guard that died; [`teardown`] lets the
 //! kernel detach a finished run's programs after guard has exited.
 mod conclude;
+mod outputs;
 mod reaper;
 mod spawn;
 mod standalone;
@@ -28,10 +29,11 @@ use std::{
 
 use crate::{
     api::{self, client, PolicyText, RunRequest},
-    error::{Error, PolicyError, Result},
+    error::{Error, Result},
     policy::{compile, Policy, RuleSet},
     report::hosts,
 };
+use outputs::Outputs;
 use standalone::{Placement, Standalone};
 use supervise::{supervise, Backend};
 
@@ -98,6 +100,16 @@ pub fn run(options: RunOptions) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     };
+    // Before anything is set up: a report that cannot be written must stop
+    // the run while the command can still be left unrun.
+    let outputs = match Outputs::open(&options) {
+        Ok(outputs) => outputs,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            eprintln!("guard: the command was not run");
+            return EXIT_SETUP_FAILED;
+        }
+    };
     if rules.deny_count() == 0 && !options.quiet {
         eprintln!("guard: warning: no deny rules; nothing will be blocked");
     }
@@ -125,6 +137,7 @@ pub fn run(options: RunOptions) -> i32 {
                         policies,
                         rules,
                         hosts,
+                        outputs,
                         Backend::Daemon(session),
                     )),
                     Err(e) => setup_failed(&options, &e),
@@ -157,6 +170,7 @@ pub fn run(options: RunOptions) -> i32 {
             policies,
             rules,
             hosts,
+            outputs,
             Backend::Standalone(Box::new(backend)),
         )
         .await
@@ -176,11 +190,8 @@ fn load_policies(options: &RunOptions) -> Result<(Vec<PolicyText>, Vec<Policy>, 
     let mut texts = Vec::new();
     let mut policies = Vec::new();
     for path in &options.policy_files {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        policies.push(Policy::parse(&text, path)?);
+        let (text, policy) = Policy::read(path)?;
+        policies.push(policy);
         texts.push(PolicyText {
             path: path.clone(),
             text,

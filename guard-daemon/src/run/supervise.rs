@@ -16,6 +16,7 @@ use tokio::{
 
 use super::{
     conclude::conclude,
+    outputs::Outputs,
     setup_failed,
     spawn::{self, PLACEMENT_FAILED},
     spawn_error_code,
@@ -75,6 +76,7 @@ pub(super) async fn supervise(
     policies: Vec<Policy>,
     rules: RuleSet,
     hosts: Vec<HostsEntry>,
+    outputs: Outputs,
     backend: Backend,
 ) -> i32 {
     let started = Instant::now();
@@ -163,6 +165,7 @@ pub(super) async fn supervise(
 
     let mut state = RunState::new(child_pid, &rules, options.quiet);
     state.hosts = hosts;
+    state.outputs = outputs;
     state.evidence_policy = EvidencePolicy {
         enforce: super::evidence_enforced(&options, &rules),
         allow_raw_sockets: options.allow_raw_sockets || rules.allow_raw_sockets(),
@@ -334,6 +337,8 @@ pub(super) struct RunState<'a> {
     pub(super) evidence_policy: EvidencePolicy,
     /// Hosts-file entries for denied names, found at the start.
     pub(super) hosts: Vec<HostsEntry>,
+    /// The output files, opened before the command started.
+    pub(super) outputs: Outputs,
 }
 
 impl<'a> RunState<'a> {
@@ -356,6 +361,7 @@ impl<'a> RunState<'a> {
                 own_executable: None,
             },
             hosts: Vec::new(),
+            outputs: Outputs::default(),
         }
     }
 

@@ -7,7 +7,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -122,6 +122,44 @@ pub fn report(path: &Path) -> serde_json::Value {
     let text =
         fs::read_to_string(path).unwrap_or_else(|e| panic!("report {}: {e}", path.display()));
     serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// Longer than anything here takes by orders of magnitude; only a hang
+/// reaches it, and then the test fails instead of hanging with it.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// Runs `command` to completion, killing it and failing the test if it is
+/// still running after [`HANG`]. Output goes through files, so a child
+/// that writes much cannot block on a full pipe.
+pub fn bounded(mut command: Command, dir: &Path) -> Run {
+    let stdout = dir.join("bounded.stdout");
+    let stderr = dir.join("bounded.stderr");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&stdout).unwrap())
+        .stderr(fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("starting guard");
+    let deadline = Instant::now() + HANG;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {HANG:?} (killed): {command:?}\n{}",
+                fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: fs::read_to_string(&stdout).unwrap(),
+        stderr: fs::read_to_string(&stderr).unwrap(),
+    }
 }
 
 /// Polls `condition` for up to `limit` (used for processes finishing, not to

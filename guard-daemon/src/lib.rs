@@ -11,6 +11,8 @@
 //! - [`daemon`]: the long-lived service (`guard daemon`);
 //! - [`api`]: the daemon's socket protocol and its client;
 //! - [`doctor`]: `guard doctor`, what on this host weakens the guard;
+//! - [`deps`]: `guard deps`, the fleet's deploy-time dependency map built
+//!   from runs' records and reports (a store, a catalog, the questions);
 //! - [`cli`]: the command line on top of all of them.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
@@ -19,6 +21,7 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod deps;
 pub mod doctor;
 pub mod error;
 pub mod kernel;

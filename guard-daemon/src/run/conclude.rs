@@ -170,7 +170,7 @@ pub(super) fn conclude(
         let json = serde_json::to_string_pretty(&report).expect("a report serialises");
         write(path, &(json + "\n"), false);
     }
-    if let Some(path) = &options.record {
+    if options.records_names() {
         let mut all = recorded;
         all.extend(report.events.iter().cloned());
         let inventory = Inventory::build(
@@ -180,8 +180,22 @@ pub(super) fn conclude(
             &state.qtype_codes,
             &allowed_counts,
         );
-        let json = serde_json::to_string_pretty(&inventory).expect("a record serialises");
-        write(path, &(json + "\n"), false);
+        if let Some(path) = &options.record {
+            let json = serde_json::to_string_pretty(&inventory).expect("a record serialises");
+            write(path, &(json + "\n"), false);
+        }
+        if let Some((service, location)) = &options.deps {
+            let origin = crate::deps::sources::Origin {
+                service: service.clone(),
+                host: crate::deps::this_host(),
+                run_id: None,
+            };
+            let run = crate::deps::sources::from_record(&inventory, &origin);
+            if let Err(e) = crate::deps::ingest_blocking(location, run) {
+                eprintln!("guard: storing the run's lookups: {e}");
+                failed_outputs = true;
+            }
+        }
     }
     if failed_outputs {
         return EXIT_SETUP_FAILED;

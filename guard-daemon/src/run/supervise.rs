@@ -180,7 +180,7 @@ pub(super) async fn supervise(
             }
             tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
             state.drain(ring.get_mut());
-            let totals = enforcement.totals(options.record.is_some());
+            let totals = enforcement.totals(options.records_names());
             let t = Instant::now();
             drop(enforcement);
             tracing::debug!(elapsed = ?t.elapsed(), "programs unloaded");

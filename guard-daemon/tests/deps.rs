@@ -13,14 +13,18 @@ use serde_json::Value;
 /// The example catalog: frontend, db, cache and batch.
 const CATALOG: &str = include_str!("../../examples/catalog.yaml");
 
-/// `guard deps ARGS... --db DB`: stdout, failing the test on failure.
-fn deps(db: &str, args: &[&str]) -> String {
-    let output = Command::new(GUARD)
+fn guard_deps(db: &str, args: &[&str]) -> std::process::Output {
+    Command::new(GUARD)
         .arg("deps")
         .args(args)
         .args(["--db", db])
         .output()
-        .expect("running guard deps");
+        .expect("running guard deps")
+}
+
+/// `guard deps ARGS... --db DB`: stdout, failing the test on failure.
+fn deps(db: &str, args: &[&str]) -> String {
+    let output = guard_deps(db, args);
     assert!(
         output.status.success(),
         "guard deps {args:?}: {}\n{}",
@@ -28,6 +32,13 @@ fn deps(db: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// `guard deps ARGS... --db DB`, which must fail: its stderr.
+fn deps_failing(db: &str, args: &[&str]) -> String {
+    let output = guard_deps(db, args);
+    assert_eq!(output.status.code(), Some(1), "guard deps {args:?}");
+    String::from_utf8(output.stderr).unwrap()
 }
 
 fn deps_json(db: &str, args: &[&str]) -> Value {
@@ -140,10 +151,24 @@ fn check_store(deploys: &Deploys, db: &str) {
     deploys.ingest(db);
     assert_eq!(deps_json(db, &["of", "db"]), before, "idempotent ingest");
 
+    // Bad input is refused, naming the file, and changes nothing.
+    let bad = deploys.sandbox.path("not-a-record.json");
+    fs::write(&bad, r#"{"schema": "guard.other/1"}"#).unwrap();
+    let refused = deps_failing(db, &["ingest", "--service", "db", bad.to_str().unwrap()]);
+    assert!(
+        refused.contains("not-a-record.json") && refused.contains("guard.other/1"),
+        "{refused}"
+    );
+    assert_eq!(deps_json(db, &["of", "db"]), before);
+
     let catalog = deploys.sandbox.path("catalog.yaml");
     fs::write(&catalog, CATALOG).unwrap();
     let out = deps(db, &["catalog", catalog.to_str().unwrap()]);
     assert!(out.contains("4 services serving 7 names"), "{out}");
+    let broken = deploys.sandbox.path("broken.yaml");
+    fs::write(&broken, CATALOG.replace("tier: 2", "tier: two")).unwrap();
+    let refused = deps_failing(db, &["catalog", broken.to_str().unwrap()]);
+    assert!(refused.contains("broken.yaml:17: "), "{refused}");
 
     // Which services are affected if frontend is down: db's deploys.
     let affected = deps_json(db, &["affected", "frontend"]);

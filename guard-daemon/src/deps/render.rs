@@ -24,19 +24,21 @@ fn table(header: &[&str]) -> Table {
     table
 }
 
-/// A stored process chain as a table shows it: each process cut to its
-/// first 40 characters (the store and `--json` keep it whole).
+/// A stored process chain as a table shows it: the asking process (last)
+/// cut to 60 characters, its ancestors to 24 (the store and `--json` keep
+/// it whole). Each keeps its pid, which ties it to the process.
 fn chain_cell(chain: &str) -> String {
-    const WIDTH: usize = 40;
-    chain
-        .split(" → ")
-        .map(|link| {
-            if link.chars().count() <= WIDTH {
-                return link.to_owned();
+    let links: Vec<&str> = chain.split(" → ").collect();
+    links
+        .iter()
+        .enumerate()
+        .map(|(index, link)| {
+            let width = if index + 1 == links.len() { 60 } else { 24 };
+            if link.chars().count() <= width {
+                return (*link).to_owned();
             }
-            // Keep the pid at the end, which ties the link to the process.
             let pid = link.rfind('[').map_or("", |at| &link[at..]);
-            let head: String = link.chars().take(WIDTH - 1).collect();
+            let head: String = link.chars().take(width - 1).collect();
             format!("{head}…{pid}")
         })
         .collect::<Vec<_>>()
@@ -357,8 +359,13 @@ mod tests {
 
     #[test]
     fn long_chain_links_are_cut_but_keep_their_pid() {
-        let long = format!("sh -c {}[12] → curl x[13]", "a".repeat(60));
-        let cell = chain_cell(&long);
-        assert_eq!(cell, format!("sh -c {}…[12] → curl x[13]", "a".repeat(33)));
+        let long = format!("sh -c {}[12] → curl {}[13]", "a".repeat(60), "b".repeat(70));
+        let expected = format!(
+            "sh -c {}…[12] → curl {}…[13]",
+            "a".repeat(17),
+            "b".repeat(54)
+        );
+        assert_eq!(chain_cell(&long), expected);
+        assert_eq!(chain_cell("sh[1] → curl x[2]"), "sh[1] → curl x[2]");
     }
 }

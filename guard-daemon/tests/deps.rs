@@ -292,6 +292,34 @@ fn check_store(deploys: &Deploys, db: &str) {
         "{svg}"
     );
 
+    // Owners and tiers from a dependency-management-data database (made
+    // here with Python's sqlite3, as dmd's tables are laid out).
+    let dmd = deploys.sandbox.path("dmd.db");
+    let _ = fs::remove_file(&dmd);
+    let script = "import sqlite3, sys\n\
+        db = sqlite3.connect(sys.argv[1])\n\
+        db.execute('CREATE TABLE owners (platform TEXT, organisation TEXT, repo TEXT, owner TEXT, notes TEXT, updated_at TEXT)')\n\
+        db.execute('CREATE TABLE repository_metadata (platform TEXT, organisation TEXT, repo TEXT, additional_metadata TEXT)')\n\
+        db.execute(\"INSERT INTO owners VALUES ('github', 'acme', 'batch', 'data-science', '', '')\")\n\
+        db.execute(\"INSERT INTO repository_metadata VALUES ('github', 'acme', 'batch', '{\\\"tier\\\": \\\"tier-2\\\"}')\")\n\
+        db.commit()\n";
+    let made = Command::new("python3")
+        .args(["-c", script])
+        .arg(&dmd)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = deps(db, &["import-owners", dmd.to_str().unwrap()]);
+    assert!(out.contains("owners of 1 services"), "{out}");
+    let affected = deps_json(db, &["affected", "db"]);
+    assert_eq!(
+        names_of(&affected, "service"),
+        ["batch", "cache"],
+        "{affected:#}"
+    );
+    assert_eq!(affected[0]["owner"], "data-science");
+    assert_eq!(affected[0]["tier"], 2);
+
     // Loading a catalog again replaces it: without frontend, its names are
     // unclaimed and the cycle is gone.
     fs::write(

@@ -106,12 +106,14 @@ impl Deploys {
         assert_eq!(code, 0);
         let (code, cache) = deploy(&sandbox, "cache-record.json", &["primary.db.internal"], &[]);
         assert_eq!(code, 0);
-        // batch's deploy is refused db.internal: its report has the lookup.
+        // batch's deploy is refused db.internal, and the answer for
+        // db-lb.internal (a CNAME to frontend.internal): its report has
+        // both lookups, the second as an answer event.
         let (code, batch) = deploy(
             &sandbox,
             "batch-report.json",
-            &["db.internal"],
-            &["--deny", "db.internal"],
+            &["db.internal", "db-lb.internal"],
+            &["--deny", "db.internal", "--deny", "frontend.internal"],
         );
         assert_eq!(code, 77);
         Deploys {
@@ -170,9 +172,28 @@ fn check_store(deploys: &Deploys, db: &str) {
     let refused = deps_failing(db, &["catalog", broken.to_str().unwrap()]);
     assert!(refused.contains("broken.yaml:17: "), "{refused}");
 
-    // Which services are affected if frontend is down: db's deploys.
+    // Which services are affected if frontend is down: db's deploys, and
+    // batch's, whose answer for db-lb.internal led to frontend.internal.
     let affected = deps_json(db, &["affected", "frontend"]);
-    assert_eq!(names_of(&affected, "service"), ["db"], "{affected:#}");
+    assert_eq!(
+        names_of(&affected, "service"),
+        ["db", "batch"],
+        "{affected:#}"
+    );
+    assert_eq!(
+        affected[1]["names"],
+        serde_json::json!(["frontend.internal"])
+    );
+    assert_eq!(affected[1]["verdict"], "blocked");
+    let of_batch = deps_json(db, &["of", "batch"]);
+    let through_answer = of_batch
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "frontend.internal")
+        .unwrap_or_else(|| panic!("{of_batch:#}"));
+    assert_eq!(through_answer["via"], "db-lb.internal", "{of_batch:#}");
+    assert_eq!(through_answer["service"], "frontend");
     let entry = &affected[0];
     assert_eq!(entry["owner"], "data-team");
     assert_eq!(entry["tier"], 1);

@@ -90,7 +90,9 @@ fn test() -> Result<()> {
     package_test::package_test(&workspace_root()?, &dist::build()?)?;
     // The benchmark must keep working; on tiny sizes it checks that every row
     // runs and that received + lost events add up, never how fast anything is.
-    bench::bench(&["--smoke".to_string()])
+    bench::bench(&["--smoke".to_string()])?;
+    // So must the dependency store's ingest figure (both stores, tiny sizes).
+    deps_bench::main(&["--smoke".to_string()])
 }
 
 /// The long pass of the differential test (guard-daemon/tests/

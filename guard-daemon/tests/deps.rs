@@ -104,6 +104,19 @@ impl Deploys {
             &["--service", "frontend", "--deps-db", &direct_db],
         );
         assert_eq!(code, 0);
+        // A store that cannot be written fails the run, as any output does.
+        let (code, _) = deploy(
+            &sandbox,
+            "unstored-record.json",
+            &["cache.internal"],
+            &[
+                "--service",
+                "frontend",
+                "--deps-db",
+                "/proc/no-such-dir/deps.db",
+            ],
+        );
+        assert_eq!(code, 125);
         let (code, cache) = deploy(&sandbox, "cache-record.json", &["primary.db.internal"], &[]);
         assert_eq!(code, 0);
         // batch's deploy is refused db.internal, and the answer for

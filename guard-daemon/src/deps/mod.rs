@@ -167,8 +167,15 @@ async fn answer(
     match &args.command {
         DepsCommand::Ingest { files, .. } => {
             let mut out = String::new();
-            for (run, file) in runs.iter().zip(files) {
-                store.ingest(run).await.map_err(fail)?;
+            // One transaction per file: a failure leaves the files before
+            // it stored, and nothing of it.
+            for (index, (run, file)) in runs.iter().zip(files).enumerate() {
+                store.ingest(run).await.map_err(|e| {
+                    format!(
+                        "{}: {e} (nothing of it was stored; {index} file(s) before it were)",
+                        file.display()
+                    )
+                })?;
                 out.push_str(&format!(
                     "{}: {} lookups of service {} (host {}, run {})\n",
                     file.display(),

@@ -88,6 +88,10 @@ enum Command {
     /// file, nscd, systemd-resolved), DNS ports, IPsec, the daemon. Exit 0
     /// when nothing weakens it, 1 otherwise.
     Doctor(DoctorArgs),
+    /// The fleet's deploy-time dependency map: store the lookups of guarded
+    /// deploys, load a service catalog, and ask which services a service
+    /// affects, what it depends on, and every cycle.
+    Deps(crate::deps::DepsArgs),
     /// Print the daemon's recent DNS events (blocked, audited, recorded).
     Events {
         /// Keep printing new events as they happen.
@@ -185,6 +189,15 @@ struct RunArgs {
     /// starting policy with `guard policy suggest`.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// With --deps-db: the service this run deploys, under which its
+    /// lookups are stored.
+    #[arg(long, value_name = "NAME", requires = "deps_db")]
+    service: Option<String>,
+    /// At the end of the run, store every name it resolved in this
+    /// dependency store (an SQLite file or a postgres:// URL; see `guard
+    /// deps`). Needs --service.
+    #[arg(long, value_name = "PATH|URL", requires = "service")]
+    deps_db: Option<String>,
     /// Do not use the guard daemon even when one is running: load the
     /// programs for this run alone. (Without a daemon this is the default.)
     #[arg(long)]
@@ -320,6 +333,7 @@ pub fn main() -> i32 {
             junit: args.junit,
             summary_markdown: args.summary_markdown,
             record: args.record,
+            deps: args.service.zip(args.deps_db),
             // An explicit cgroup placement or extra resolver sockets are a
             // standalone run's features (the daemon's are its own).
             standalone: args.standalone
@@ -340,6 +354,7 @@ pub fn main() -> i32 {
         Command::Policy(PolicyCommand::Suggest { record, name }) => suggest(&record, &name),
         Command::Report(args) => report(&args),
         Command::Doctor(args) => doctor(args),
+        Command::Deps(args) => crate::deps::main(args),
     }
 }
 

@@ -13,6 +13,8 @@
 //! - [`doctor`]: `guard doctor`, what on this host weakens the guard;
 //! - [`input`]: reading input files (policies, configuration, reports)
 //!   safely: regular files only, size-capped, UTF-8 checked;
+//! - [`deps`]: `guard deps`, the fleet's deploy-time dependency map built
+//!   from runs' records and reports (a store, a catalog, the questions);
 //! - [`cli`]: the command line on top of all of them.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
@@ -21,6 +23,7 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod deps;
 pub mod doctor;
 pub mod error;
 pub mod input;

@@ -17,7 +17,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("policy", &[]),
     ("report", &["kernel", "policy"]),
     ("api", &["kernel", "policy", "report"]),
-    ("run", &["api", "kernel", "policy", "report"]),
+    // The dependency map reads what runs record; runs write to it.
+    ("deps", &["kernel", "policy", "report"]),
+    ("run", &["api", "deps", "kernel", "policy", "report"]),
     ("daemon", &["api", "kernel", "policy", "report"]),
     ("doctor", &["api", "kernel", "policy", "report"]),
 ];

@@ -10,6 +10,8 @@
 //! answers ([`ALIASES`]): aliases (CNAME, DNAME), service records (SRV, MX,
 //! HTTPS, SVCB) and additional records, most of them leading to
 //! `frontend.internal`.
+pub mod postgres;
+
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},

@@ -1,5 +1,5 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench | differential |
-//! dist | test-package`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | deps-bench |
+//! differential | dist | test-package`.
 //!
 //! Each installs what it needs first (`setup`), so on a fresh machine each
 //! is the one command to type. All but `dist` need root: they load eBPF
@@ -7,6 +7,7 @@
 mod bench;
 mod container;
 mod demo;
+mod deps_bench;
 mod dist;
 mod package_test;
 mod setup;
@@ -22,6 +23,7 @@ fn main() {
         "test" => test(),
         "demo" => demo::demo(),
         "bench" => bench::bench(&std::env::args().skip(2).collect::<Vec<_>>()),
+        "deps-bench" => deps_bench::main(&std::env::args().skip(2).collect::<Vec<_>>()),
         "differential" => differential(&std::env::args().skip(2).collect::<Vec<_>>()),
         "dist" => dist::dist(),
         "test-package" => test_package(),
@@ -34,6 +36,8 @@ fn main() {
                  on systemd in a container, and the bench on tiny sizes (root)\n  \
                  demo          setup, then a sample deploy script under guard against a loopback DNS server (root)\n  \
                  bench         what guard costs, against no guard and a netfilter rule; --smoke for tiny sizes (root)\n  \
+                 deps-bench    how long `guard deps ingest` takes for 100,000 lookups, SQLite and\n                \
+                 PostgreSQL; --smoke for tiny sizes (root)\n  \
                  differential  the kernel's DNS reading against the host's, on many packets (root);\n                \
                  --cases N (default 1000000), --seed S\n  \
                  dist          the Debian package: target/debian/guard_<version>_<arch>.deb\n  \
@@ -86,7 +90,9 @@ fn test() -> Result<()> {
     package_test::package_test(&workspace_root()?, &dist::build()?)?;
     // The benchmark must keep working; on tiny sizes it checks that every row
     // runs and that received + lost events add up, never how fast anything is.
-    bench::bench(&["--smoke".to_string()])
+    bench::bench(&["--smoke".to_string()])?;
+    // So must the dependency store's ingest figure (both stores, tiny sizes).
+    deps_bench::main(&["--smoke".to_string()])
 }
 
 /// The long pass of the differential test (guard-daemon/tests/

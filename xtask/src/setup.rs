@@ -197,6 +197,11 @@ const TOOLS: &[Tool] = &[
         "/usr/lib/python3/dist-packages/dns/resolver.py",
         "python3-dnspython",
     ),
+    // The dependency store's tests start a private PostgreSQL server (its
+    // own cluster in a temporary directory; the package's is never
+    // started: see no_service_starts) and render the graph as SVG.
+    tool("pg_ctlcluster", "postgresql"),
+    tool("dot", "graphviz"),
 ];
 
 fn test_tools() -> Result<()> {

@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    kernel::records::Direction,
     report::chains::ChainLink,
     report::{load_versioned, EventRecord, RuleRef},
 };
@@ -39,6 +40,10 @@ pub struct RecordedName {
     /// The chain of the first process that asked.
     pub process_chain: Vec<ChainLink>,
     pub first_seen: String,
+    /// Names a rule matched in the answers to it (a CNAME, SRV, ... target
+    /// the answer would have had the client use).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answer_names: Vec<String>,
 }
 
 impl Inventory {
@@ -52,6 +57,9 @@ impl Inventory {
         allowed_counts: &HashMap<(u64, u16), u64>,
     ) -> Inventory {
         let mut by_name: BTreeMap<&str, RecordedName> = BTreeMap::new();
+        // The query type of the first answer event of names no query event
+        // counted (see below).
+        let mut answered: BTreeMap<&str, &str> = BTreeMap::new();
         for event in events.iter().filter(|e| !e.name.is_empty()) {
             let entry = by_name.entry(&event.name).or_insert_with(|| RecordedName {
                 name: event.name.clone(),
@@ -61,7 +69,24 @@ impl Inventory {
                 rule: event.rule.clone(),
                 process_chain: event.process_chain.clone(),
                 first_seen: event.time.clone(),
+                answer_names: Vec::new(),
             });
+            if severity(&event.verdict) > severity(&entry.verdict) {
+                entry.verdict = event.verdict.clone();
+                entry.rule = event.rule.clone();
+            }
+            if event.direction == Direction::Answer {
+                // An answer is not another query: the question it answers
+                // was counted by its own event (and, when allowed, in the
+                // kernel's count of that name and type).
+                if let Some(matched) = &event.matched_name {
+                    if !entry.answer_names.contains(matched) {
+                        entry.answer_names.push(matched.clone());
+                    }
+                }
+                answered.entry(&event.name).or_insert(&event.query_type);
+                continue;
+            }
             let count = if event.verdict == "allowed" {
                 let code = qtype_codes.get(&event.query_type).copied().unwrap_or(0);
                 let hash = crate::kernel::records::parse_display_name(&event.name)
@@ -84,9 +109,16 @@ impl Inventory {
                 .entry(event.query_type.clone())
                 .or_default() += count;
             entry.queries += count;
-            if severity(&event.verdict) > severity(&entry.verdict) {
-                entry.verdict = event.verdict.clone();
-                entry.rule = event.rule.clone();
+        }
+        // A name known only from an answer (its query's event was lost) was
+        // still asked at least once.
+        for (name, query_type) in answered {
+            let entry = by_name
+                .get_mut(name)
+                .expect("every answered name has an entry");
+            if entry.queries == 0 {
+                entry.query_types.insert(query_type.to_owned(), 1);
+                entry.queries = 1;
             }
         }
         Inventory {
@@ -310,5 +342,37 @@ mod tests {
         let policy = Policy::parse(&yaml, Path::new("suggested.yaml"))
             .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         assert_eq!(policy.rules.len(), 1);
+    }
+
+    /// A refused answer (`www.example.internal` is a CNAME to a denied
+    /// name) answers a question the allowed query's event and the kernel's
+    /// count already counted: it must not count it again, in either order.
+    #[test]
+    fn an_answer_does_not_count_its_question_again() {
+        let query = event("www.example.internal", "allowed", "A");
+        let answer = EventRecord {
+            direction: Direction::Answer,
+            matched_name: Some("api.frontend.internal".into()),
+            record_type: Some("CNAME".into()),
+            ..event("www.example.internal", "blocked", "A")
+        };
+        let codes = HashMap::from([("A".to_string(), 1u16)]);
+        let hash = guard_common::matching::name_hash("www.example.internal");
+        let counts = HashMap::from([((hash, 1u16), 3u64)]);
+        for events in [
+            vec![query.clone(), answer.clone()],
+            vec![answer.clone(), query.clone()],
+        ] {
+            let inventory = Inventory::build(Vec::new(), "t".into(), &events, &codes, &counts);
+            let entry = &inventory.names[0];
+            assert_eq!(inventory.names.len(), 1);
+            assert_eq!(entry.queries, 3, "{entry:?}");
+            assert_eq!(entry.query_types["A"], 3, "{entry:?}");
+            assert_eq!(entry.verdict, "blocked");
+            assert_eq!(entry.answer_names, ["api.frontend.internal"]);
+        }
+        // Only the answer arrived: the question was still asked once.
+        let inventory = Inventory::build(Vec::new(), "t".into(), &[answer], &codes, &counts);
+        assert_eq!(inventory.names[0].queries, 1);
     }
 }

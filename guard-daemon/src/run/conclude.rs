@@ -147,6 +147,18 @@ pub(super) fn conclude(
             println!("{line}");
         }
     }
+    // The record (for --record and --deps-db) is built once.
+    let inventory = options.records_names().then(|| {
+        let mut all = recorded;
+        all.extend(report.events.iter().cloned());
+        Inventory::build(
+            command,
+            started_at,
+            &all,
+            &state.qtype_codes,
+            &allowed_counts,
+        )
+    });
     // The files were opened before the command started (run::outputs).
     let written = state.outputs.write_all(|kind| match kind {
         Kind::StepSummary | Kind::SummaryMarkdown => Some(render::markdown(&report)),
@@ -154,20 +166,24 @@ pub(super) fn conclude(
         Kind::Report => {
             Some(serde_json::to_string_pretty(&report).expect("a report serialises") + "\n")
         }
-        Kind::Record => {
-            let mut all = recorded.clone();
-            all.extend(report.events.iter().cloned());
-            let inventory = Inventory::build(
-                command.clone(),
-                started_at.clone(),
-                &all,
-                &state.qtype_codes,
-                &allowed_counts,
-            );
-            Some(serde_json::to_string_pretty(&inventory).expect("a record serialises") + "\n")
-        }
+        Kind::Record => inventory.as_ref().map(|inventory| {
+            serde_json::to_string_pretty(inventory).expect("a record serialises") + "\n"
+        }),
     });
-    if !written {
+    let mut stored = true;
+    if let (Some(inventory), Some((service, location))) = (&inventory, &options.deps) {
+        let origin = crate::deps::sources::Origin {
+            service: service.clone(),
+            host: crate::deps::this_host(),
+            run_id: None,
+        };
+        let run = crate::deps::sources::from_record(inventory, &origin);
+        if let Err(e) = crate::deps::ingest_blocking(location, run) {
+            eprintln!("guard: storing the run's lookups: {e}");
+            stored = false;
+        }
+    }
+    if !written || !stored {
         return EXIT_SETUP_FAILED;
     }
     exit_code

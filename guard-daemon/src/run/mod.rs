@@ -74,12 +74,23 @@ pub struct RunOptions {
     pub summary_markdown: Option<PathBuf>,
     /// Write every resolved name (`--record`).
     pub record: Option<PathBuf>,
+    /// Store every resolved name in the dependency store at the end of the
+    /// run: (service, store location) (`--service`, `--deps-db`).
+    pub deps: Option<(String, String)>,
     /// Never use the daemon, even when one is running.
     pub standalone: bool,
     /// Packet and raw sockets are expected (`--allow-raw-sockets`).
     pub allow_raw_sockets: bool,
     /// Resolver-daemon sockets to refuse besides the defaults.
     pub resolver_sockets: Vec<PathBuf>,
+}
+
+impl RunOptions {
+    /// Whether the kernel counts every name resolved, not only refused
+    /// ones: for `--record` and for the dependency store.
+    pub fn records_names(&self) -> bool {
+        self.record.is_some() || self.deps.is_some()
+    }
 }
 
 /// Runs the command under guard and returns guard's exit status.
@@ -126,7 +137,7 @@ pub fn run(options: RunOptions) -> i32 {
             deny: options.deny.clone(),
             allow: options.allow.clone(),
             audit: options.audit,
-            record: options.record.is_some(),
+            record: options.records_names(),
             allow_raw_sockets: options.allow_raw_sockets,
         };
         match client::start_run(&api::socket_path(), &request) {

@@ -194,6 +194,7 @@ mod tests {
             standalone: true,
             allow_raw_sockets: false,
             resolver_sockets: Vec::new(),
+            deps: None,
         }
     }
 

@@ -120,7 +120,7 @@ impl Enforcement {
                 dns_ports: &options.dns_ports,
                 rule_capacity: rules.entries().len() as u32,
                 ring_buffer_bytes: options.ring_buffer_bytes,
-                record_capacity: if options.record.is_some() {
+                record_capacity: if options.records_names() {
                     RECORD_CAPACITY
                 } else {
                     0
@@ -135,7 +135,7 @@ impl Enforcement {
                 Binding {
                     policy_id: 0,
                     audit_only: u8::from(options.audit),
-                    record: u8::from(options.record.is_some()),
+                    record: u8::from(options.records_names()),
                     _pad: [0; 2],
                     label_mask: rules.label_mask(),
                 },

@@ -197,7 +197,7 @@ pub(super) async fn supervise(
             }
             tracing::debug!(elapsed = ?t.elapsed(), "cgroup removed");
             state.drain(ring.get_mut());
-            let totals = enforcement.totals(options.record.is_some());
+            let totals = enforcement.totals(options.records_names());
             drop(reaper);
             drop(hierarchy);
             (totals, Some((enforcement, ring)))

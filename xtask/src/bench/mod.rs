@@ -1,24 +1,58 @@
-//! `cargo xtask bench`: what the guard costs, side by side with no guard and
-//! with a hand-built netfilter rule, in one run, on loopback only, inside a
-//! private network namespace. Writes `target/bench/results.md` and
-//! `results.json`. `--smoke` runs every row on tiny sizes (used by the test
-//! suite to check the bench works, never how fast anything is).
+//! `cargo xtask bench`: what the guard costs, side by side with no guard,
+//! in one run, on loopback only, inside a private network namespace.
+//!
+//! Leads with the figures issue 14 sets targets for, each beside its
+//! target; then the details: where a standalone run's start-up goes, the
+//! kernel's own accounting of guard's programs, allowed lookups beside a
+//! hand-built netfilter rule, bulk TCP, blocked lookups reaching userspace,
+//! memory. Writes `target/bench/results.md`, `results.json` and SVG charts
+//! beside them. `--smoke` runs every part on tiny sizes (the test suite
+//! uses it to check the bench works, never how fast anything is).
+mod charts;
+mod daemon;
+mod kernel;
+mod startup;
+mod stats;
+mod targets;
+mod traffic;
+
 use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
 
+use self::{
+    daemon::BenchDaemon,
+    kernel::{BpfStats, HeldRun, ProgramStats},
+    startup::{timed_run, wall_ms, TimedRun},
+    stats::{differences, interleaved, Spread},
+    targets::Figure,
+};
 use crate::{require_root, run, setup};
 
 struct Sizes {
+    /// Allowed-lookup loads: queries per run, interleaved rounds.
     queries: u64,
     rounds: usize,
+    /// Pairs of `true` and a standalone `guard run -- true`.
     startup_runs: usize,
+    /// Pairs of `true` and `guard run -- true` through the daemon.
+    daemon_runs: usize,
+    /// Rounds of start-up with each policy size.
+    policy_rounds: usize,
+    /// Rounds of exec-heavy work with and without a run active, and the
+    /// execs in each.
+    exec_rounds: usize,
+    execs: usize,
+    /// Runs (and queries each) measured with the kernel's accounting.
+    kernel_runs: usize,
+    kernel_queries: u64,
     tcp_seconds: u64,
     flood_queries: u64,
     flood_rates: Vec<u64>,
@@ -28,12 +62,18 @@ struct Sizes {
 impl Sizes {
     fn full() -> Sizes {
         Sizes {
-            queries: 200_000,
-            rounds: 7,
-            startup_runs: 50,
-            tcp_seconds: 5,
-            flood_queries: 200_000,
-            flood_rates: vec![50_000, 100_000, 200_000, 400_000, 0],
+            queries: 50_000,
+            rounds: 5,
+            startup_runs: 25,
+            daemon_runs: 40,
+            policy_rounds: 7,
+            exec_rounds: 10,
+            execs: 300,
+            kernel_runs: 3,
+            kernel_queries: 50_000,
+            tcp_seconds: 2,
+            flood_queries: 100_000,
+            flood_rates: vec![50_000, 100_000, 200_000, 0],
             policy_sizes: vec![10, 1_000, 100_000],
         }
     }
@@ -43,6 +83,12 @@ impl Sizes {
             queries: 500,
             rounds: 1,
             startup_runs: 2,
+            daemon_runs: 2,
+            policy_rounds: 1,
+            exec_rounds: 1,
+            execs: 5,
+            kernel_runs: 1,
+            kernel_queries: 200,
             tcp_seconds: 1,
             flood_queries: 500,
             flood_rates: vec![10_000, 0],
@@ -54,12 +100,13 @@ impl Sizes {
 const WINDOW: &str = "32";
 const DENIED: &str = "frontend.internal";
 const SERVER: &str = "127.0.0.1:53";
+/// The same server on a port guard does not treat as DNS: its traffic is
+/// the bench's non-DNS UDP.
+const OTHER_UDP: &str = "127.0.0.1:5353";
 const TCP_SINK: &str = "127.0.0.1:5001";
-/// The netfilter comparison's cgroup, named by this process (see
-/// `BenchDaemon::start`).
-fn netfilter_cgroup() -> String {
-    format!("guard-bench-netfilter-{}", std::process::id())
-}
+/// The policy size of the headline figures (the others are in the policy
+/// size rows and chart).
+const HEADLINE_POLICY: usize = 10;
 
 pub fn bench(args: &[String]) -> Result<()> {
     require_root("bench")?;
@@ -84,34 +131,118 @@ pub fn bench(args: &[String]) -> Result<()> {
     let bench = Bench::new(bin, out_dir.clone(), sizes)?;
     let result = bench.run_all();
     drop(bench);
-    let (markdown, json) = result?;
+    let findings = result?;
+    let markdown = findings.markdown();
     fs::write(out_dir.join("results.md"), &markdown)?;
     fs::write(
         out_dir.join("results.json"),
-        serde_json::to_string_pretty(&json)? + "\n",
+        serde_json::to_string_pretty(&findings.json())? + "\n",
     )?;
+    findings.draw(&out_dir)?;
     println!("\n{markdown}");
     println!("written to {}", out_dir.display());
     Ok(())
+}
+
+/// What the bench found, section by section, and what the headline table
+/// and the charts are drawn from.
+#[derive(Default)]
+struct Findings {
+    targets: Vec<targets::Row>,
+    sections: String,
+    json: serde_json::Map<String, Value>,
+    /// Start-up wall times (ms) per command, for the chart.
+    startup: Vec<(String, Vec<f64>)>,
+    /// Allowed-lookup latencies (µs) per way, for the chart.
+    latency: Vec<(String, Vec<f64>)>,
+    /// Kernel ns per allowed query by policy size, for the chart.
+    cost_by_size: Vec<(usize, Spread)>,
+}
+
+const DNS_QUERY_TARGET_NS: f64 = 250.0;
+
+impl Findings {
+    fn target(&mut self, figure: Figure, label: impl Into<String>, measured: Spread) {
+        self.targets.push(targets::Row {
+            figure,
+            label: label.into(),
+            measured,
+        });
+    }
+
+    fn section(&mut self, markdown: String, key: &str, value: Value) {
+        self.sections += "\n";
+        self.sections += &markdown;
+        self.json.insert(key.into(), value);
+    }
+
+    fn markdown(&self) -> String {
+        format!(
+            "# guard benchmark\n\n\
+             Machine: {} cores, kernel {}; loopback in a private network namespace. \
+             The machine may be shared: other work on it (builds, other tests, other \
+             guards' programs) shows up as spread, so every figure is a median of \
+             interleaved runs with its 10th and 90th percentiles.\n\n\
+             ## Targets (issue 14)\n\n{}\n\
+             Charts: [start-up](startup.svg), [allowed-lookup latency](dns-latency.svg), \
+             [kernel time per query by policy size](cost-by-policy-size.svg).\n{}",
+            num_cpus(),
+            kernel(),
+            targets::markdown(&self.targets),
+            self.sections
+        )
+    }
+
+    fn json(&self) -> Value {
+        let mut all = self.json.clone();
+        all.insert(
+            "machine".into(),
+            json!({"cpus": num_cpus(), "kernel": kernel()}),
+        );
+        all.insert("targets".into(), targets::json(&self.targets));
+        all.into()
+    }
+
+    fn draw(&self, dir: &Path) -> Result<()> {
+        charts::distribution(
+            &dir.join("startup.svg"),
+            "Start-up: wall time of each run",
+            "ms",
+            &self.startup,
+        )?;
+        charts::distribution(
+            &dir.join("dns-latency.svg"),
+            "Allowed-lookup latency, guarded and not",
+            "µs",
+            &self.latency,
+        )?;
+        charts::cost_by_policy_size(
+            &dir.join("cost-by-policy-size.svg"),
+            &self.cost_by_size,
+            DNS_QUERY_TARGET_NS,
+        )
+    }
 }
 
 struct Bench {
     bin: PathBuf,
     dir: PathBuf,
     sizes: Sizes,
-    server: Child,
+    servers: Vec<Child>,
     cgroup_root: PathBuf,
 }
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = fs::remove_dir(self.cgroup_root.join(netfilter_cgroup()));
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
     }
 }
 
-fn json(text: &str) -> Result<serde_json::Value> {
+/// The last line of `text` that is a JSON object.
+fn json_line(text: &str) -> Result<Value> {
     let line = text
         .lines()
         .rev()
@@ -120,45 +251,34 @@ fn json(text: &str) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(line)?)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 impl Bench {
     fn new(bin: PathBuf, dir: PathBuf, sizes: Sizes) -> Result<Bench> {
-        let server = Command::new(bin.join("guard-dns-bench"))
-            .args(["serve", SERVER, "3600"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the DNS server")?;
-        std::thread::sleep(Duration::from_millis(300));
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        let cgroup_root = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (before, after) = l.split_once(" - ")?;
-                (after.split_whitespace().next()? == "cgroup2")
-                    .then(|| before.split_whitespace().nth(4).map(PathBuf::from))
-                    .flatten()
-            })
-            .context("no cgroup2 mount")?;
-        Ok(Bench {
+        let mut bench = Bench {
             bin,
             dir,
             sizes,
-            server,
-            cgroup_root,
-        })
+            servers: Vec::new(),
+            cgroup_root: cgroup_root()?,
+        };
+        for address in [SERVER, OTHER_UDP] {
+            let server = Command::new(bench.tool())
+                .args(["serve", address, "3600"])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting the DNS server")?;
+            bench.servers.push(server);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(bench)
     }
 
     /// The allowed-lookup load generator's command line.
-    fn load_args(&self) -> [String; 5] {
-        [
+    fn load_args(&self, server: &str, queries: u64) -> Vec<String> {
+        vec![
             self.tool(),
             "load".into(),
-            SERVER.into(),
-            self.sizes.queries.to_string(),
+            server.into(),
+            queries.to_string(),
             WINDOW.into(),
         ]
     }
@@ -166,19 +286,16 @@ impl Bench {
     /// A bulk-TCP receiver, listening before it returns.
     fn tcp_sink(&self) -> Result<Child> {
         let sink = Command::new(self.tool())
-            .args([
-                "tcp-sink",
-                TCP_SINK,
-                &(self.sizes.tcp_seconds + 5).to_string(),
-            ])
+            .args(["tcp-sink", TCP_SINK])
+            .arg((self.sizes.tcp_seconds + 5).to_string())
             .stdout(Stdio::null())
             .spawn()?;
         std::thread::sleep(Duration::from_millis(200));
         Ok(sink)
     }
 
-    fn tcp_send_args(&self) -> [String; 4] {
-        [
+    fn tcp_send_args(&self) -> Vec<String> {
+        vec![
             self.tool(),
             "tcp-send".into(),
             TCP_SINK.into(),
@@ -194,6 +311,17 @@ impl Bench {
         command
     }
 
+    /// `guard run --standalone -q [-p POLICY] --`, the command to follow.
+    fn standalone_run(&self, policy: Option<&Path>) -> Command {
+        let mut command = self.guard();
+        command.args(["run", "--standalone", "-q"]);
+        if let Some(policy) = policy {
+            command.arg("-p").arg(policy);
+        }
+        command.arg("--");
+        command
+    }
+
     /// `guard` as a client of the bench's own daemon.
     fn guard_via_daemon(&self) -> Command {
         let mut command = Command::new(self.bin.join("guard"));
@@ -205,6 +333,7 @@ impl Bench {
         self.bin.join("guard-dns-bench").display().to_string()
     }
 
+    /// (stdout, stderr) of a command that must succeed (or exit 77).
     fn output(&self, command: &mut Command) -> Result<(String, String)> {
         let output = command
             .output()
@@ -217,6 +346,8 @@ impl Bench {
         Ok((stdout, stderr))
     }
 
+    /// A policy of `entries` deny rules (half exact names, half `*.`
+    /// patterns), none matching the load's names.
     fn policy(&self, entries: usize) -> Result<PathBuf> {
         let path = self.dir.join(format!("policy-{entries}.yaml"));
         let mut text = format!("name: bench-{entries}\nmode: enforce\ndeny:\n  - {DENIED}\n");
@@ -231,496 +362,326 @@ impl Bench {
         Ok(path)
     }
 
-    /// One allowed-lookup load: unguarded, guarded, or under netfilter.
-    fn load(&self, how: &str, policy: &Path) -> Result<serde_json::Value> {
-        let load = self.load_args();
-        let (stdout, _) = match how {
-            "unguarded" => self.output(Command::new(&load[0]).args(&load[1..]))?,
-            "guarded" => self.output(
-                self.guard()
-                    .args(["run", "-q", "-p"])
-                    .arg(policy)
-                    .arg("--")
-                    .args(&load),
-            )?,
-            "guarded via daemon" => self.output(
-                self.guard_via_daemon()
-                    .args(["run", "-q", "-p"])
-                    .arg(policy)
-                    .arg("--")
-                    .args(&load),
-            )?,
-            "netfilter" => {
-                let procs = self
-                    .cgroup_root
-                    .join(netfilter_cgroup())
-                    .join("cgroup.procs");
-                let script = format!("echo $$ > {} && exec \"$@\"", procs.display());
-                self.output(Command::new("sh").args(["-c", &script, "sh"]).args(&load))?
-            }
-            _ => unreachable!(),
-        };
-        json(&stdout)
-    }
-
-    fn netfilter(&self, add: bool) -> Result<()> {
-        let cgroup = self.cgroup_root.join(netfilter_cgroup());
-        if add {
-            fs::create_dir_all(&cgroup)?;
-        }
-        // What an operator could build by hand: match the cgroup and the
-        // name's wire bytes.
-        let hex = format!(
-            "|{}|",
-            DENIED
-                .split('.')
-                .map(|l| format!("{:02x}{}", l.len(), hex(l)))
-                .collect::<String>()
-                + "00"
-        );
-        run(Command::new("iptables")
-            .arg(if add { "-A" } else { "-D" })
-            .args([
-                "OUTPUT",
-                "-p",
-                "udp",
-                "--dport",
-                "53",
-                "-m",
-                "cgroup",
-                "--path",
-                &netfilter_cgroup(),
-            ])
-            .args([
-                "-m",
-                "string",
-                "--algo",
-                "bm",
-                "--hex-string",
-                &hex,
-                "-j",
-                "DROP",
-            ]))
-    }
-
-    /// Every row, with a `guard daemon` of the bench's own running
-    /// throughout (its rows are interleaved with the others).
-    fn run_all(&self) -> Result<(String, serde_json::Value)> {
+    /// Every part. Those without the daemon come first: its tracepoints
+    /// are global, and a standalone run is measured as a host without a
+    /// daemon would see it.
+    fn run_all(&self) -> Result<Findings> {
+        let mut findings = Findings::default();
+        let policy = self.policy(HEADLINE_POLICY)?;
+        self.standalone_startup(&mut findings)?;
+        self.policy_startup(&mut findings)?;
+        self.exec_outside(&mut findings)?;
+        self.kernel_cost(&mut findings)?;
+        self.blocked_events(&mut findings)?;
         let daemon = BenchDaemon::start(self)?;
-        let result = self.rows(&daemon);
-        let stopped = daemon.stop();
-        let rows = result?;
-        stopped?;
-        Ok(rows)
-    }
-
-    fn rows(&self, daemon: &BenchDaemon) -> Result<(String, serde_json::Value)> {
-        let mut md = String::from("# guard benchmark\n\n");
-        let mut all = serde_json::Map::new();
-        let _ = writeln!(
-            md,
-            "Machine: {} cores, kernel {}; loopback in a private network namespace.\n",
-            num_cpus(),
-            kernel()
-        );
-        let policy = self.policy(10)?;
-
-        // 1. Allowed lookups, rounds interleaved so drift hits every row alike.
-        self.netfilter(true)?;
-        let mut rows: Vec<(&str, Vec<serde_json::Value>)> = vec![
-            ("unguarded", vec![]),
-            ("guarded", vec![]),
-            ("netfilter", vec![]),
-            ("guarded via daemon", vec![]),
-        ];
-        for _ in 0..self.sizes.rounds {
-            for (how, samples) in rows.iter_mut() {
-                samples.push(self.load(how, &policy)?);
-            }
-        }
-        self.netfilter(false)?;
-        let stat = |samples: &[serde_json::Value], key: &str| {
-            median(
-                &mut samples
-                    .iter()
-                    .map(|s| s[key].as_f64().unwrap_or(0.0))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let base_qps = stat(&rows[0].1, "qps");
-        let _ = writeln!(md, "## Allowed lookups\n\n{} queries per round, {WINDOW} in flight, median of {} interleaved rounds; the policy does not match.\n", self.sizes.queries, self.sizes.rounds);
-        let _ = writeln!(md, "| cgroup | QPS | p50 µs | p99 µs | QPS ratio to unguarded |\n| --- | --- | --- | --- | --- |");
-        let mut allowed = serde_json::Map::new();
-        for (how, samples) in &rows {
-            let qps = stat(samples, "qps");
-            let _ = writeln!(
-                md,
-                "| {how} | {qps:.0} | {:.0} | {:.0} | {:.3} |",
-                stat(samples, "p50_us"),
-                stat(samples, "p99_us"),
-                qps / base_qps
-            );
-            allowed.insert((*how).into(), serde_json::json!({"qps": qps, "p50_us": stat(samples, "p50_us"), "p99_us": stat(samples, "p99_us"), "ratio": qps / base_qps, "samples": samples}));
-        }
-        all.insert("allowed_lookups".into(), allowed.into());
-
-        // 2. Bulk TCP.
-        let mut tcp = serde_json::Map::new();
-        let _ = writeln!(md, "\n## Bulk TCP over loopback\n\n{} s per run, median of {} rounds.\n\n| cgroup | Gbit/s | ratio |\n| --- | --- | --- |", self.sizes.tcp_seconds, self.sizes.rounds);
-        let mut rates: Vec<(&str, Vec<f64>)> = vec![("unguarded", vec![]), ("guarded", vec![])];
-        for _ in 0..self.sizes.rounds {
-            for (how, samples) in rates.iter_mut() {
-                samples.push(self.tcp(how, &policy)?);
-            }
-        }
-        let base = median(&mut rates[0].1.clone());
-        for (how, samples) in rates.iter_mut() {
-            let rate = median(samples);
-            let _ = writeln!(
-                md,
-                "| {how} | {:.2} | {:.3} |",
-                rate * 8.0 / 1e9,
-                rate / base
-            );
-            tcp.insert(
-                (*how).into(),
-                serde_json::json!({"bytes_per_second": rate, "ratio": rate / base}),
-            );
-        }
-        all.insert("bulk_tcp".into(), tcp.into());
-
-        // 2b. The kernel program's own cost per packet, from the kernel's
-        // accounting (kernel.bpf_stats_enabled), free of the VM's noise.
-        let (dns_ns, tcp_ns) = self.kernel_cost(&policy)?;
-        let _ = writeln!(md, "\n## Kernel program cost per packet\n\nFrom the kernel's own accounting of `dns_egress` (`kernel.bpf_stats_enabled`, on only for these two runs).\n\n| traffic | packets | ns per packet |\n| --- | --- | --- |\n| allowed DNS queries | {} | {:.0} |\n| bulk TCP (not DNS) | {} | {:.0} |", dns_ns.0, dns_ns.1, tcp_ns.0, tcp_ns.1);
-        all.insert("kernel_cost".into(), serde_json::json!({"dns_query": {"packets": dns_ns.0, "ns_per_packet": dns_ns.1}, "bulk_tcp": {"packets": tcp_ns.0, "ns_per_packet": tcp_ns.1}}));
-
-        // 3. Blocked lookups reaching userspace.
-        let _ = writeln!(md, "\n## Blocked lookups reported\n\n{} refused queries per run from one process; the kernel's counters are exact, events beyond what the ring buffer (4 MiB) holds are counted as lost.\n\n| offered rate /s | achieved /s | blocked (kernel) | events received | events lost |\n| --- | --- | --- | --- | --- |", self.sizes.flood_queries);
-        let mut floods = Vec::new();
-        for &rate in &self.sizes.flood_rates {
-            let (stdout, stderr) = self.output(
-                self.guard()
-                    .args(["run", "-q", "--deny", DENIED, "--"])
-                    .arg(self.tool())
-                    .args([
-                        "flood",
-                        SERVER,
-                        DENIED,
-                        &self.sizes.flood_queries.to_string(),
-                        &rate.to_string(),
-                    ]),
-            )?;
-            let flood = json(&stdout)?;
-            let (blocked, received, lost) = flood_counts(&stderr)?;
-            // Every blocked query is either received or counted as lost.
-            if received + lost != blocked {
-                bail!("events received ({received}) + lost ({lost}) != blocked ({blocked}):\n{stderr}");
-            }
-            let label = if rate == 0 {
-                "unlimited".to_string()
-            } else {
-                rate.to_string()
-            };
-            let _ = writeln!(
-                md,
-                "| {label} | {:.0} | {blocked} | {received} | {lost} |",
-                flood["rate"].as_f64().unwrap_or(0.0)
-            );
-            floods.push(serde_json::json!({"offered_rate": rate, "achieved_rate": flood["rate"], "blocked": blocked, "received": received, "lost": lost}));
-        }
-        all.insert("blocked_events".into(), floods.into());
-
-        // 4. Start-up.
-        let plain = self.times(self.sizes.startup_runs, || Command::new("true"))?;
-        let guarded = self.times(self.sizes.startup_runs, || {
-            let mut c = self.guard();
-            c.args(["run", "-q", "--", "true"]);
-            c
-        })?;
-        let _ = writeln!(md, "\n## Start-up\n\nMedian wall time of {} runs.\n\n| command | ms |\n| --- | --- |\n| `true` | {plain:.1} |\n| `guard run -- true` (standalone) | {guarded:.1} |\n| difference | {:.1} |", self.sizes.startup_runs, guarded - plain);
-        all.insert("startup_ms".into(), serde_json::json!({"true": plain, "guard_run_true_standalone": guarded, "overhead": guarded - plain}));
-
-        // 5. Policy size.
-        let _ = writeln!(md, "\n## Policy size\n\nHalf exact names, half `*.` patterns. Load time = `guard run -p P -- true` minus the same with no policy (median of 3); throughput as in the first table (median of {} rounds).\n\n| entries | policy load ms | allowed QPS | ratio to unguarded |\n| --- | --- | --- | --- |", self.sizes.rounds);
-        let empty = self.times(3, || {
-            let mut c = self.guard();
-            c.args(["run", "-q", "--", "true"]);
-            c
-        })?;
-        let mut sizes_json = Vec::new();
-        for &entries in &self.sizes.policy_sizes {
-            let path = self.policy(entries)?;
-            let with = self.times(3, || {
-                let mut c = self.guard();
-                c.args(["run", "-q", "-p"]).arg(&path).args(["--", "true"]);
-                c
-            })?;
-            let mut qps: Vec<f64> = Vec::new();
-            for _ in 0..self.sizes.rounds {
-                qps.push(self.load("guarded", &path)?["qps"].as_f64().unwrap_or(0.0));
-            }
-            let qps = median(&mut qps);
-            let _ = writeln!(
-                md,
-                "| {entries} | {:.0} | {qps:.0} | {:.3} |",
-                with - empty,
-                qps / base_qps
-            );
-            sizes_json.push(serde_json::json!({"entries": entries, "load_ms": with - empty, "qps": qps, "ratio": qps / base_qps}));
-        }
-        all.insert("policy_size".into(), sizes_json.into());
-
-        // 6. Footprint: peak resident memory of guard during an allowed load.
-        let (_, stderr) = self.output(
-            Command::new("/usr/bin/time")
-                .args(["-f", "maxrss_kb=%M"])
-                .arg(self.bin.join("guard"))
-                .args(["run", "-q", "-p"])
-                .arg(&policy)
-                .arg("--")
-                .args(self.load_args()),
-        )?;
-        let rss: u64 = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("maxrss_kb="))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let _ = writeln!(md, "\n## Footprint\n\n| process | peak RSS |\n| --- | --- |\n| guard (standalone run) | {:.1} MiB |", rss as f64 / 1024.0);
-        all.insert(
-            "footprint".into(),
-            serde_json::json!({"guard_run_maxrss_kb": rss}),
-        );
-
-        // 7. The daemon: start-up of a run through it, and its memory (its
-        // throughput is a row of the first table).
-        let (daemon_md, daemon_json) = self.daemon_rows(daemon, plain, guarded)?;
-        md += &daemon_md;
-        all.insert("daemon".into(), daemon_json);
-        Ok((md, all.into()))
-    }
-
-    fn daemon_rows(
-        &self,
-        daemon: &BenchDaemon,
-        plain: f64,
-        standalone: f64,
-    ) -> Result<(String, serde_json::Value)> {
-        let mut md = String::new();
-        let via_daemon = self.times(self.sizes.startup_runs, || {
-            let mut c = self.guard_via_daemon();
-            c.args(["run", "-q", "--", "true"]);
-            c
-        })?;
-        let (rss_kb, peak_kb) = daemon.memory_kb()?;
-        let _ = writeln!(
-            md,
-            "\n## Daemon\n\n`guard run` through a running `guard daemon` (programs already loaded; a run creates a cgroup and writes map entries). Start-up: median wall time of {} runs. Its allowed-lookup throughput is the `guarded via daemon` row of the first table. Memory after every row of this benchmark.\n\n| row | result |\n| --- | --- |\n| `guard run -- true` via daemon | {via_daemon:.1} ms |\n| `guard run -- true` standalone (above) | {standalone:.1} ms |\n| overhead over `true`, via daemon | {:.1} ms |\n| daemon RSS / peak | {:.1} / {:.1} MiB |",
-            self.sizes.startup_runs,
-            via_daemon - plain,
-            rss_kb as f64 / 1024.0,
-            peak_kb as f64 / 1024.0
-        );
-        Ok((
-            md,
-            serde_json::json!({
-                "guard_run_true_ms": via_daemon,
-                "guard_run_true_standalone_ms": standalone,
-                "overhead_ms": via_daemon - plain,
-                "rss_kb": rss_kb,
-                "peak_rss_kb": peak_kb,
-            }),
-        ))
-    }
-
-    /// (packets, ns per packet) of dns_egress for an allowed DNS load and for
-    /// bulk TCP, read from guard's report with the kernel's BPF stats on.
-    fn kernel_cost(&self, policy: &Path) -> Result<((u64, f64), (u64, f64))> {
-        let switch = Path::new("/proc/sys/kernel/bpf_stats_enabled");
-        let before = fs::read_to_string(switch).unwrap_or_else(|_| "0".into());
-        fs::write(switch, "1").context("enabling kernel.bpf_stats_enabled")?;
-        let result = (|| -> Result<_> {
-            let report = self.dir.join("stats-report.json");
-            let guarded_with_report = |command: &[String]| {
-                self.output(
-                    self.guard()
-                        .args(["run", "-q", "-p"])
-                        .arg(policy)
-                        .arg("--report")
-                        .arg(&report)
-                        .arg("--")
-                        .args(command),
-                )
-            };
-            let stats = |path: &Path| -> Result<(u64, f64)> {
-                let value: serde_json::Value = serde_json::from_str(&fs::read_to_string(path)?)?;
-                let stats = &value["program_stats"];
-                Ok((
-                    stats["runs"]
-                        .as_u64()
-                        .context("program_stats in the report")?,
-                    stats["average_ns"].as_f64().unwrap_or(0.0),
-                ))
-            };
-            guarded_with_report(&self.load_args())?;
-            let dns = stats(&report)?;
-            let mut sink = self.tcp_sink()?;
-            let sent = guarded_with_report(&self.tcp_send_args());
-            let _ = sink.kill();
-            let _ = sink.wait();
-            sent?;
-            Ok((dns, stats(&report)?))
+        let result = (|| -> Result<()> {
+            self.daemon_startup(&mut findings)?;
+            self.allowed_lookups(&policy, &mut findings)?;
+            self.bulk_tcp(&policy, &mut findings)?;
+            self.footprint(&policy, &daemon, &mut findings)
         })();
-        let _ = fs::write(switch, before.trim());
-        result
+        let stopped = daemon.stop();
+        result?;
+        stopped?;
+        Ok(findings)
     }
 
-    fn tcp(&self, how: &str, policy: &Path) -> Result<f64> {
-        let mut sink = self.tcp_sink()?;
-        let send = self.tcp_send_args();
-        let result = match how {
-            "unguarded" => self.output(Command::new(&send[0]).args(&send[1..])),
-            _ => self.output(
-                self.guard()
-                    .args(["run", "-q", "-p"])
-                    .arg(policy)
-                    .arg("--")
-                    .args(&send),
-            ),
-        };
-        let _ = sink.kill();
-        let _ = sink.wait();
-        Ok(json(&result?.0)?["bytes_per_second"]
-            .as_f64()
-            .unwrap_or(0.0))
-    }
-
-    /// Median wall time in milliseconds.
-    fn times(&self, runs: usize, make: impl Fn() -> Command) -> Result<f64> {
-        let mut samples = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let mut command = make();
-            command.stdout(Stdio::null()).stderr(Stdio::null());
-            let start = Instant::now();
-            let status = command.status()?;
-            samples.push(start.elapsed().as_secs_f64() * 1000.0);
-            if !status.success() {
-                bail!("{command:?} failed: {status}");
+    /// `true` and a standalone `guard run -- true`, interleaved; the step
+    /// breakdown of the guarded runs.
+    fn standalone_startup(&self, findings: &mut Findings) -> Result<()> {
+        let mut runs = interleaved(self.sizes.startup_runs, 2, |arm| {
+            if arm == 0 {
+                Ok(TimedRun {
+                    wall_ms: wall_ms(&mut Command::new("true"))?,
+                    steps: Vec::new(),
+                })
+            } else {
+                timed_run(self.standalone_run(None).arg("true"))
             }
-        }
-        Ok(median(&mut samples))
+        })?;
+        let guarded = runs.pop().unwrap_or_default();
+        let plain: Vec<f64> = runs
+            .pop()
+            .unwrap_or_default()
+            .iter()
+            .map(|run| run.wall_ms)
+            .collect();
+        let wall: Vec<f64> = guarded.iter().map(|run| run.wall_ms).collect();
+        let overhead = Spread::of(&differences(&plain, &wall));
+        let steps = startup::breakdown(&guarded);
+        findings.target(
+            Figure::StandaloneStartup,
+            "`guard run --standalone -- true` over `true`",
+            overhead,
+        );
+        let md = format!(
+            "## Start-up, standalone\n\n{n} interleaved pairs of `true` and `guard run --standalone -q -- true` (no daemon running).\n\n\
+             | command | wall ms, median (p10–p90) |\n| --- | --- |\n| `true` | {} |\n| `guard run --standalone -- true` | {} |\n| difference, per pair | {} |\n\n\
+             Where a standalone run's time goes, from the timestamps of guard's debug lines (`GUARD_LOG=guard_daemon=debug`); each step ends at the line it is named by.\n\n{}",
+            Spread::of(&plain).text(1),
+            Spread::of(&wall).text(1),
+            overhead.text(1),
+            startup::breakdown_markdown(&[("guard run", &steps)]),
+            n = self.sizes.startup_runs,
+        );
+        findings.section(
+            md,
+            "startup_standalone",
+            json!({"true_ms": Spread::of(&plain).json(), "guard_ms": Spread::of(&wall).json(), "overhead_ms": overhead.json(), "steps": startup::breakdown_json(&steps)}),
+        );
+        findings.startup.push(("true".into(), plain));
+        findings
+            .startup
+            .push(("guard run --standalone -- true".into(), wall));
+        Ok(())
     }
-}
 
-/// A `guard daemon` of the bench's own (socket, pins and cgroups of its
-/// own; uninstalled when stopped).
-struct BenchDaemon {
-    child: Child,
-    config: PathBuf,
-    guard: PathBuf,
-}
+    /// Start-up with no policy against each policy size, interleaved; the
+    /// step breakdown of the largest.
+    fn policy_startup(&self, findings: &mut Findings) -> Result<()> {
+        let mut policies = vec![None];
+        for &entries in &self.sizes.policy_sizes {
+            policies.push(Some(self.policy(entries)?));
+        }
+        let runs = interleaved(self.sizes.policy_rounds, policies.len(), |arm| {
+            timed_run(self.standalone_run(policies[arm].as_deref()).arg("true"))
+        })?;
+        let wall = |arm: usize| -> Vec<f64> { runs[arm].iter().map(|run| run.wall_ms).collect() };
+        let mut md = format!("## Start-up by policy size\n\nHalf exact names, half `*.` patterns; {} interleaved rounds of `guard run --standalone -q [-p POLICY] -- true`. Extra = the run with the policy minus the run without, per round.\n\n| entries | extra ms, median (p10–p90) |\n| --- | --- |\n", self.sizes.policy_rounds);
+        let mut rows = Vec::new();
+        let mut largest = None;
+        for (arm, &entries) in self.sizes.policy_sizes.iter().enumerate() {
+            let extra = Spread::of(&differences(&wall(0), &wall(arm + 1)));
+            let _ = writeln!(md, "| {entries} | {} |", extra.text(1));
+            rows.push(json!({"entries": entries, "extra_ms": extra.json()}));
+            largest = Some((entries, extra, arm + 1));
+        }
+        let (entries, extra, arm) = largest.context("no policy sizes")?;
+        let without = startup::breakdown(&runs[0]);
+        let steps = startup::breakdown(&runs[arm]);
+        let _ = write!(
+            md,
+            "\nSteps without a policy and with {entries} entries:\n\n{}",
+            startup::breakdown_markdown(&[
+                ("no policy", &without),
+                (&format!("{entries} entries"), &steps)
+            ])
+        );
+        findings.target(
+            Figure::LargePolicyStartup,
+            format!("{entries}-entry policy, extra start-up"),
+            extra,
+        );
+        findings.section(
+            md,
+            "startup_by_policy_size",
+            json!({"sizes": rows, "largest_steps": startup::breakdown_json(&steps)}),
+        );
+        Ok(())
+    }
 
-impl BenchDaemon {
-    fn start(bench: &Bench) -> Result<BenchDaemon> {
-        let dir = bench.dir.join("daemon");
-        fs::create_dir_all(dir.join("policies"))?;
-        let config = dir.join("daemon.yaml");
-        fs::write(
-            &config,
-            format!(
-                // Named by this process, so benches in other checkouts on
-                // the same machine do not share pins or cgroups.
-                "socket: {}\npin_dir: /sys/fs/bpf/guard-bench-{pid}\nruns_cgroup: /guard-bench-runs-{pid}\nbindings: []\n",
-                dir.join("guard.sock").display(),
-                pid = std::process::id(),
-            ),
+    /// Exec-heavy work outside any guarded cgroup, with no run and while a
+    /// run is active (its tracepoints see every exec and fork on the host).
+    fn exec_outside(&self, findings: &mut Findings) -> Result<()> {
+        let script = format!(
+            "i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done",
+            self.sizes.execs
+        );
+        let batch = || wall_ms(Command::new("sh").args(["-c", &script]));
+        let times = interleaved(self.sizes.exec_rounds, 2, |arm| {
+            if arm == 0 {
+                return batch();
+            }
+            let run = HeldRun::start(
+                self.standalone_run(None),
+                &["true".to_string()],
+                &self.dir.join("exec.fifo"),
+                &self.cgroup_root,
+            )?;
+            let time = batch()?;
+            run.finish()?;
+            Ok(time)
+        })?;
+        let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(a, b)| b / a).collect();
+        let ratio = Spread::of(&ratios);
+        findings.target(
+            Figure::ExecOutside,
+            "exec-heavy work outside any guarded cgroup while a run is active",
+            ratio,
+        );
+        let md = format!("## Exec-heavy work outside the guard\n\n{} forks and execs of `/bin/true` from a shell outside any guarded cgroup, {} interleaved rounds: with no guard run, and while a standalone `guard run` is active.\n\n| | ms, median (p10–p90) |\n| --- | --- |\n| no run | {} |\n| a run active | {} |\n| ratio, per round | {} |\n", self.sizes.execs, self.sizes.exec_rounds, Spread::of(&times[0]).text(1), Spread::of(&times[1]).text(1), ratio.text(3));
+        findings.section(
+            md,
+            "exec_outside",
+            json!({"no_run_ms": Spread::of(&times[0]).json(), "run_active_ms": Spread::of(&times[1]).json(), "ratio": ratio.json()}),
+        );
+        Ok(())
+    }
+
+    /// What each program of a standalone run attached to its cgroup did
+    /// while `command` ran: the kernel's accounting, before and after.
+    fn accounted(&self, policy: &Path, command: &[String]) -> Result<(Value, Vec<ProgramStats>)> {
+        let mut run = HeldRun::start(
+            self.standalone_run(Some(policy)),
+            command,
+            &self.dir.join("kernel.fifo"),
+            &self.cgroup_root,
         )?;
-        let guard = bench.bin.join("guard");
-        let child = Command::new(&guard)
-            .args(["daemon", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("daemon.log"))?)
-            .spawn()
-            .context("starting guard daemon")?;
-        let daemon = BenchDaemon {
-            child,
-            config,
-            guard,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !bench
-            .guard_via_daemon()
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success()
-        {
-            if Instant::now() > deadline {
-                let _ = daemon.stop();
-                bail!(
-                    "guard daemon did not start; see {}",
-                    dir.join("daemon.log").display()
-                );
+        let before = kernel::cgroup_programs(run.cgroup())?;
+        let result = run
+            .command_result()?
+            .context("the measured command printed no result")?;
+        let after = kernel::cgroup_programs(run.cgroup())?;
+        run.finish()?;
+        Ok((result, kernel::since(&before, &after)))
+    }
+
+    /// Kernel time per allowed DNS query (by policy size) and per non-DNS
+    /// packet, from `kernel.bpf_stats_enabled`.
+    fn kernel_cost(&self, findings: &mut Findings) -> Result<()> {
+        let _stats = BpfStats::enable()?;
+        let mut md = format!("## Kernel time per packet\n\nThe kernel's own accounting (`kernel.bpf_stats_enabled`, on only for these runs): run time over run count of guard's programs on the run's cgroup (`bpftool cgroup show`, `bpftool prog show`), read while the run's programs are attached, before and after the measured command. Per allowed DNS query: the egress program's time on the question plus the ingress program's on the answer, over the queries. Per non-DNS packet: both programs' time over the packets they saw, for a UDP request/response load on port 5353 and for bulk TCP. {} runs each.\n\n| traffic | policy entries | ns, median (p10–p90) | packets seen per run |\n| --- | --- | --- | --- |\n", self.sizes.kernel_runs);
+        let mut all = serde_json::Map::new();
+        let mut per_size = Vec::new();
+        for &entries in &self.sizes.policy_sizes {
+            let policy = self.policy(entries)?;
+            let (per_query, packets, runs) = self.repeat_accounted(
+                &policy,
+                &self.load_args(SERVER, self.sizes.kernel_queries),
+                false,
+                |result, _, time| Ok(time as f64 / result["queries"].as_f64().context("queries")?),
+            )?;
+            let _ = writeln!(
+                md,
+                "| allowed DNS query | {entries} | {} | {packets} |",
+                per_query.text(0)
+            );
+            per_size.push(
+                json!({"entries": entries, "ns_per_query": per_query.json(), "programs": runs}),
+            );
+            findings.cost_by_size.push((entries, per_query));
+            if entries == HEADLINE_POLICY {
+                findings.target(Figure::DnsQueryKernelTime, format!("kernel time per allowed DNS query, egress + ingress ({entries}-entry policy)"), per_query);
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(daemon)
-    }
-
-    /// (resident, peak resident) memory of the daemon process.
-    fn memory_kb(&self) -> Result<(u64, u64)> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
+        all.insert("dns_query".into(), per_size.into());
+        let policy = self.policy(HEADLINE_POLICY)?;
+        let per_packet = |_: &Value, count: u64, time: u64| -> Result<f64> {
+            if count == 0 {
+                bail!("guard's packet programs saw no packet");
+            }
+            Ok(time as f64 / count as f64)
         };
-        Ok((field("VmRSS:"), field("VmHWM:")))
+        let (udp, udp_packets, udp_runs) = self.repeat_accounted(
+            &policy,
+            &self.load_args(OTHER_UDP, self.sizes.kernel_queries),
+            false,
+            per_packet,
+        )?;
+        let (tcp, tcp_packets, tcp_runs) =
+            self.repeat_accounted(&policy, &self.tcp_send_args(), true, per_packet)?;
+        for (traffic, spread, packets) in [
+            ("non-DNS UDP request/response", udp, udp_packets),
+            ("non-DNS bulk TCP", tcp, tcp_packets),
+        ] {
+            let _ = writeln!(
+                md,
+                "| {traffic} | {HEADLINE_POLICY} | {} | {packets} |",
+                spread.text(0)
+            );
+            findings.target(
+                Figure::OtherPacketKernelTime,
+                format!("kernel time per non-DNS packet, every hook attached ({traffic})"),
+                spread,
+            );
+        }
+        all.insert(
+            "other_udp".into(),
+            json!({"ns_per_packet": udp.json(), "programs": udp_runs}),
+        );
+        all.insert(
+            "bulk_tcp".into(),
+            json!({"ns_per_packet": tcp.json(), "programs": tcp_runs}),
+        );
+        findings.section(md, "kernel_time", all.into());
+        Ok(())
     }
 
-    fn stop(mut self) -> Result<()> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let status = Command::new(&self.guard)
-            .args(["daemon", "--uninstall", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("guard daemon --uninstall failed");
+    /// `kernel_runs` accounted runs of `command` (with a TCP sink to send
+    /// to if `tcp_sink`), each turned into a figure by `figure(result,
+    /// packets, run time ns)` of the packet programs. Returns the figure's
+    /// spread, the packets of the last run, and every run's per-program
+    /// accounting.
+    fn repeat_accounted(
+        &self,
+        policy: &Path,
+        command: &[String],
+        tcp_sink: bool,
+        figure: impl Fn(&Value, u64, u64) -> Result<f64>,
+    ) -> Result<(Spread, u64, Value)> {
+        let mut figures = Vec::new();
+        let mut programs = Vec::new();
+        let mut packets = 0;
+        for _ in 0..self.sizes.kernel_runs {
+            let mut sink = tcp_sink.then(|| self.tcp_sink()).transpose()?;
+            let accounted = self.accounted(policy, command);
+            if let Some(sink) = sink.as_mut() {
+                let _ = sink.kill();
+                let _ = sink.wait();
+            }
+            let (result, ran) = accounted?;
+            let (time, count) = kernel::packet_totals(&ran);
+            figures.push(figure(&result, count, time)?);
+            packets = count;
+            programs.push(
+                ran.iter()
+                    .map(|p| json!({"name": p.name, "attach_type": p.attach_type, "run_time_ns": p.run_time_ns, "run_count": p.run_count}))
+                    .collect::<Vec<_>>(),
+            );
         }
+        Ok((Spread::of(&figures), packets, programs.into()))
+    }
+
+    /// `true` against `guard run -- true` through the daemon, interleaved.
+    fn daemon_startup(&self, findings: &mut Findings) -> Result<()> {
+        let times = interleaved(self.sizes.daemon_runs, 2, |arm| {
+            if arm == 0 {
+                wall_ms(&mut Command::new("true"))
+            } else {
+                wall_ms(self.guard_via_daemon().args(["run", "-q", "--", "true"]))
+            }
+        })?;
+        let overhead = Spread::of(&differences(&times[0], &times[1]));
+        findings.target(
+            Figure::DaemonStartup,
+            "`guard run -- true` through the daemon over `true`",
+            overhead,
+        );
+        let md = format!("## Start-up through the daemon\n\n{} interleaved pairs of `true` and `guard run -q -- true` through a running `guard daemon` (programs already loaded; a run creates a cgroup and writes map entries).\n\n| command | wall ms, median (p10–p90) |\n| --- | --- |\n| `true` | {} |\n| `guard run -- true` via daemon | {} |\n| difference, per pair | {} |\n", self.sizes.daemon_runs, Spread::of(&times[0]).text(2), Spread::of(&times[1]).text(2), overhead.text(2));
+        findings.section(
+            md,
+            "startup_daemon",
+            json!({"true_ms": Spread::of(&times[0]).json(), "guard_ms": Spread::of(&times[1]).json(), "overhead_ms": overhead.json()}),
+        );
+        findings
+            .startup
+            .push(("guard run -- true via daemon".into(), times[1].clone()));
         Ok(())
     }
 }
 
-fn hex(text: &str) -> String {
-    text.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-/// (blocked by the kernel, events received by guard, events lost) from the
-/// summary's first line.
-fn flood_counts(stderr: &str) -> Result<(u64, u64, u64)> {
-    let line = stderr
+/// Where the cgroup2 hierarchy is mounted.
+fn cgroup_root() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
         .lines()
-        .find(|l| l.contains(" DNS queries inspected, "))
-        .with_context(|| format!("no summary in {stderr}"))?;
-    let number_before = |marker: &str| -> Option<u64> {
-        line.split(marker)
-            .next()?
-            .rsplit([' ', ','])
-            .next()?
-            .parse()
-            .ok()
-    };
-    let blocked = number_before(" blocked").context("blocked count")?;
-    let received = number_before(" received").context("received count")?;
-    let lost = number_before(" lost").context("lost count")?;
-    Ok((blocked, received, lost))
+        .find_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            (after.split_whitespace().next()? == "cgroup2")
+                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .context("no cgroup2 mount")
 }
 
 fn num_cpus() -> usize {

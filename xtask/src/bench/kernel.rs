@@ -166,10 +166,12 @@ impl HeldRun {
         // The shell is the run's first process: it says where it is, waits,
         // runs the command, and waits again. It says when it waits, so the
         // bench never writes to the FIFO while the previous `read` still
-        // has it open (that write would be lost with the FIFO's buffer).
+        // has it open (that write would be lost with the FIFO's buffer);
+        // and it waits until it has read a line, since opening the FIFO
+        // while the bench's last write is still open reads end-of-file.
+        let wait = format!("until read _ < '{}'; do :; done", fifo.display());
         let script = format!(
-            "cat /proc/self/cgroup && echo {CHECKPOINT} && read _ < '{fifo}' && \"$@\"; status=$?; echo {CHECKPOINT}; read _ < '{fifo}'; exit $status",
-            fifo = fifo.display()
+            "cat /proc/self/cgroup && echo {CHECKPOINT} && {wait} && \"$@\"; status=$?; echo {CHECKPOINT}; {wait}; exit $status"
         );
         let mut child = guard
             .args(["sh", "-c", &script, "sh"])
@@ -239,8 +241,11 @@ impl HeldRun {
             {
                 Ok(mut fifo) => return Ok(fifo.write_all(b"go\n")?),
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
-                    if self.child.try_wait()?.is_some() {
-                        bail!("the held guard run ended early");
+                    if let Some(status) = self.child.try_wait()? {
+                        bail!(
+                            "the held guard run ended early ({status}): {}",
+                            fs::read_to_string(&self.log).unwrap_or_default()
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }

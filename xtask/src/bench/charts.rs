@@ -11,6 +11,15 @@ use super::stats::Spread;
 
 const SIZE: (u32, u32) = (800, 480);
 const FONT: (&str, u32) = ("sans-serif", 20);
+/// Series colours that stay apart on white (the palette's third is a pale
+/// yellow); the baseline first, in grey.
+const COLORS: [RGBColor; 5] = [
+    RGBColor(0x55, 0x55, 0x55),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+];
 
 type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, RangedCoordf64>>;
 
@@ -86,7 +95,7 @@ pub fn distribution(
                 let mut sorted: Vec<f64> = values.iter().copied().filter(|v| *v > 0.0).collect();
                 sorted.sort_by(f64::total_cmp);
                 let count = sorted.len() as f64;
-                let color = Palette99::pick(index).to_rgba();
+                let color = COLORS[index % COLORS.len()].to_rgba();
                 chart
                     .draw_series(LineSeries::new(
                         sorted

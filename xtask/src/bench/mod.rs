@@ -11,6 +11,7 @@
 mod charts;
 mod daemon;
 mod kernel;
+mod kernel_time;
 mod startup;
 mod stats;
 mod targets;
@@ -29,8 +30,8 @@ use serde_json::{json, Value};
 
 use self::{
     daemon::BenchDaemon,
-    kernel::{BpfStats, HeldRun, ProgramStats},
-    startup::{timed_run, wall_ms, TimedRun},
+    kernel::HeldRun,
+    startup::{timed_run, wall_and_cpu_ms, wall_ms, TimedRun},
     stats::{differences, interleaved, Spread},
     targets::Figure,
 };
@@ -66,9 +67,9 @@ impl Sizes {
             rounds: 5,
             startup_runs: 25,
             daemon_runs: 40,
-            policy_rounds: 7,
-            exec_rounds: 10,
-            execs: 300,
+            policy_rounds: 9,
+            exec_rounds: 16,
+            execs: 200,
             kernel_runs: 3,
             kernel_queries: 50_000,
             tcp_seconds: 2,
@@ -371,7 +372,7 @@ impl Bench {
         self.standalone_startup(&mut findings)?;
         self.policy_startup(&mut findings)?;
         self.exec_outside(&mut findings)?;
-        self.kernel_cost(&mut findings)?;
+        self.kernel_time(&mut findings)?;
         self.blocked_events(&mut findings)?;
         let daemon = BenchDaemon::start(self)?;
         let result = (|| -> Result<()> {
@@ -487,7 +488,7 @@ impl Bench {
             "i=0; while [ $i -lt {} ]; do /bin/true; i=$((i+1)); done",
             self.sizes.execs
         );
-        let batch = || wall_ms(Command::new("sh").args(["-c", &script]));
+        let batch = || wall_and_cpu_ms(Command::new("sh").args(["-c", &script]));
         let times = interleaved(self.sizes.exec_rounds, 2, |arm| {
             if arm == 0 {
                 return batch();
@@ -502,144 +503,45 @@ impl Bench {
             run.finish()?;
             Ok(time)
         })?;
-        let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(a, b)| b / a).collect();
-        let ratio = Spread::of(&ratios);
+        let wall = |arm: usize| -> Vec<f64> { times[arm].iter().map(|(wall, _)| *wall).collect() };
+        let cpu = |arm: usize| -> Vec<f64> { times[arm].iter().map(|(_, cpu)| *cpu).collect() };
+        let ratios = |samples: &dyn Fn(usize) -> Vec<f64>| {
+            Spread::of(
+                &samples(0)
+                    .iter()
+                    .zip(samples(1))
+                    .map(|(without, with)| with / without)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (cpu_ratio, wall_ratio) = (ratios(&cpu), ratios(&wall));
         findings.target(
             Figure::ExecOutside,
-            "exec-heavy work outside any guarded cgroup while a run is active",
-            ratio,
+            "exec-heavy work outside any guarded cgroup while a run is active (CPU time)",
+            cpu_ratio,
         );
-        let md = format!("## Exec-heavy work outside the guard\n\n{} forks and execs of `/bin/true` from a shell outside any guarded cgroup, {} interleaved rounds: with no guard run, and while a standalone `guard run` is active.\n\n| | ms, median (p10–p90) |\n| --- | --- |\n| no run | {} |\n| a run active | {} |\n| ratio, per round | {} |\n", self.sizes.execs, self.sizes.exec_rounds, Spread::of(&times[0]).text(1), Spread::of(&times[1]).text(1), ratio.text(3));
+        let md = format!(
+            "## Exec-heavy work outside the guard\n\n{} forks and execs of `/bin/true` from a shell outside any guarded cgroup, {} interleaved rounds: with no guard run, and while a standalone `guard run` is active (its tracepoints see every fork and exec on the host). CPU time (user + system of the shell and its children) is the figure: wall time also counts waiting for a CPU, which on a shared machine is mostly other people's work.\n\n\
+             | | CPU ms, median (p10–p90) | wall ms |\n| --- | --- | --- |\n| no run | {} | {} |\n| a run active | {} | {} |\n| ratio, per round | {} | {} |\n",
+            self.sizes.execs,
+            self.sizes.exec_rounds,
+            Spread::of(&cpu(0)).text(1),
+            Spread::of(&wall(0)).text(1),
+            Spread::of(&cpu(1)).text(1),
+            Spread::of(&wall(1)).text(1),
+            cpu_ratio.text(3),
+            wall_ratio.text(3),
+        );
         findings.section(
             md,
             "exec_outside",
-            json!({"no_run_ms": Spread::of(&times[0]).json(), "run_active_ms": Spread::of(&times[1]).json(), "ratio": ratio.json()}),
+            json!({
+                "no_run": {"cpu_ms": Spread::of(&cpu(0)).json(), "wall_ms": Spread::of(&wall(0)).json()},
+                "run_active": {"cpu_ms": Spread::of(&cpu(1)).json(), "wall_ms": Spread::of(&wall(1)).json()},
+                "ratio": {"cpu": cpu_ratio.json(), "wall": wall_ratio.json()},
+            }),
         );
         Ok(())
-    }
-
-    /// What each program of a standalone run attached to its cgroup did
-    /// while `command` ran: the kernel's accounting, before and after.
-    fn accounted(&self, policy: &Path, command: &[String]) -> Result<(Value, Vec<ProgramStats>)> {
-        let mut run = HeldRun::start(
-            self.standalone_run(Some(policy)),
-            command,
-            &self.dir.join("kernel.fifo"),
-            &self.cgroup_root,
-        )?;
-        let before = kernel::cgroup_programs(run.cgroup())?;
-        let result = run
-            .command_result()?
-            .context("the measured command printed no result")?;
-        let after = kernel::cgroup_programs(run.cgroup())?;
-        run.finish()?;
-        Ok((result, kernel::since(&before, &after)))
-    }
-
-    /// Kernel time per allowed DNS query (by policy size) and per non-DNS
-    /// packet, from `kernel.bpf_stats_enabled`.
-    fn kernel_cost(&self, findings: &mut Findings) -> Result<()> {
-        let _stats = BpfStats::enable()?;
-        let mut md = format!("## Kernel time per packet\n\nThe kernel's own accounting (`kernel.bpf_stats_enabled`, on only for these runs): run time over run count of guard's programs on the run's cgroup (`bpftool cgroup show`, `bpftool prog show`), read while the run's programs are attached, before and after the measured command. Per allowed DNS query: the egress program's time on the question plus the ingress program's on the answer, over the queries. Per non-DNS packet: both programs' time over the packets they saw, for a UDP request/response load on port 5353 and for bulk TCP. {} runs each.\n\n| traffic | policy entries | ns, median (p10–p90) | packets seen per run |\n| --- | --- | --- | --- |\n", self.sizes.kernel_runs);
-        let mut all = serde_json::Map::new();
-        let mut per_size = Vec::new();
-        for &entries in &self.sizes.policy_sizes {
-            let policy = self.policy(entries)?;
-            let (per_query, packets, runs) = self.repeat_accounted(
-                &policy,
-                &self.load_args(SERVER, self.sizes.kernel_queries),
-                false,
-                |result, _, time| Ok(time as f64 / result["queries"].as_f64().context("queries")?),
-            )?;
-            let _ = writeln!(
-                md,
-                "| allowed DNS query | {entries} | {} | {packets} |",
-                per_query.text(0)
-            );
-            per_size.push(
-                json!({"entries": entries, "ns_per_query": per_query.json(), "programs": runs}),
-            );
-            findings.cost_by_size.push((entries, per_query));
-            if entries == HEADLINE_POLICY {
-                findings.target(Figure::DnsQueryKernelTime, format!("kernel time per allowed DNS query, egress + ingress ({entries}-entry policy)"), per_query);
-            }
-        }
-        all.insert("dns_query".into(), per_size.into());
-        let policy = self.policy(HEADLINE_POLICY)?;
-        let per_packet = |_: &Value, count: u64, time: u64| -> Result<f64> {
-            if count == 0 {
-                bail!("guard's packet programs saw no packet");
-            }
-            Ok(time as f64 / count as f64)
-        };
-        let (udp, udp_packets, udp_runs) = self.repeat_accounted(
-            &policy,
-            &self.load_args(OTHER_UDP, self.sizes.kernel_queries),
-            false,
-            per_packet,
-        )?;
-        let (tcp, tcp_packets, tcp_runs) =
-            self.repeat_accounted(&policy, &self.tcp_send_args(), true, per_packet)?;
-        for (traffic, spread, packets) in [
-            ("non-DNS UDP request/response", udp, udp_packets),
-            ("non-DNS bulk TCP", tcp, tcp_packets),
-        ] {
-            let _ = writeln!(
-                md,
-                "| {traffic} | {HEADLINE_POLICY} | {} | {packets} |",
-                spread.text(0)
-            );
-            findings.target(
-                Figure::OtherPacketKernelTime,
-                format!("kernel time per non-DNS packet, every hook attached ({traffic})"),
-                spread,
-            );
-        }
-        all.insert(
-            "other_udp".into(),
-            json!({"ns_per_packet": udp.json(), "programs": udp_runs}),
-        );
-        all.insert(
-            "bulk_tcp".into(),
-            json!({"ns_per_packet": tcp.json(), "programs": tcp_runs}),
-        );
-        findings.section(md, "kernel_time", all.into());
-        Ok(())
-    }
-
-    /// `kernel_runs` accounted runs of `command` (with a TCP sink to send
-    /// to if `tcp_sink`), each turned into a figure by `figure(result,
-    /// packets, run time ns)` of the packet programs. Returns the figure's
-    /// spread, the packets of the last run, and every run's per-program
-    /// accounting.
-    fn repeat_accounted(
-        &self,
-        policy: &Path,
-        command: &[String],
-        tcp_sink: bool,
-        figure: impl Fn(&Value, u64, u64) -> Result<f64>,
-    ) -> Result<(Spread, u64, Value)> {
-        let mut figures = Vec::new();
-        let mut programs = Vec::new();
-        let mut packets = 0;
-        for _ in 0..self.sizes.kernel_runs {
-            let mut sink = tcp_sink.then(|| self.tcp_sink()).transpose()?;
-            let accounted = self.accounted(policy, command);
-            if let Some(sink) = sink.as_mut() {
-                let _ = sink.kill();
-                let _ = sink.wait();
-            }
-            let (result, ran) = accounted?;
-            let (time, count) = kernel::packet_totals(&ran);
-            figures.push(figure(&result, count, time)?);
-            packets = count;
-            programs.push(
-                ran.iter()
-                    .map(|p| json!({"name": p.name, "attach_type": p.attach_type, "run_time_ns": p.run_time_ns, "run_count": p.run_count}))
-                    .collect::<Vec<_>>(),
-            );
-        }
-        Ok((Spread::of(&figures), packets, programs.into()))
     }
 
     /// `true` against `guard run -- true` through the daemon, interleaved.

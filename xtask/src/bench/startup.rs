@@ -30,6 +30,27 @@ pub fn wall_ms(command: &mut Command) -> Result<f64> {
     Ok(elapsed)
 }
 
+/// Wall time and CPU time (user + system, of the command and every
+/// process it waited for) of one run of `command`, in milliseconds; it
+/// must succeed. CPU time is what work costs even when, on a busy machine,
+/// it waits its turn for a CPU.
+pub fn wall_and_cpu_ms(command: &mut Command) -> Result<(f64, f64)> {
+    let before = children_cpu_ms()?;
+    let wall = wall_ms(command)?;
+    Ok((wall, children_cpu_ms()? - before))
+}
+
+/// CPU time of this process's waited-for descendants so far.
+fn children_cpu_ms() -> Result<f64> {
+    // SAFETY: getrusage(2) fills the struct we pass; all-zero is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    let ms = |time: libc::timeval| time.tv_sec as f64 * 1000.0 + time.tv_usec as f64 / 1000.0;
+    Ok(ms(usage.ru_utime) + ms(usage.ru_stime))
+}
+
 /// One step of a run: what ended it, how long it took, and for a program's
 /// verification the instructions the verifier processed.
 #[derive(Clone, Debug, PartialEq)]

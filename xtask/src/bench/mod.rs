@@ -38,6 +38,7 @@ use self::{
 use crate::{require_root, run, setup};
 
 struct Sizes {
+    smoke: bool,
     /// Allowed-lookup loads: queries per run, interleaved rounds.
     queries: u64,
     rounds: usize,
@@ -63,6 +64,7 @@ struct Sizes {
 impl Sizes {
     fn full() -> Sizes {
         Sizes {
+            smoke: false,
             queries: 50_000,
             rounds: 5,
             startup_runs: 25,
@@ -81,6 +83,7 @@ impl Sizes {
 
     fn smoke() -> Sizes {
         Sizes {
+            smoke: true,
             queries: 500,
             rounds: 1,
             startup_runs: 2,
@@ -149,6 +152,8 @@ pub fn bench(args: &[String]) -> Result<()> {
 /// and the charts are drawn from.
 #[derive(Default)]
 struct Findings {
+    /// Tiny sizes: the run checks the bench works, its figures mean nothing.
+    smoke: bool,
     targets: Vec<targets::Row>,
     sections: String,
     json: serde_json::Map<String, Value>,
@@ -184,11 +189,17 @@ impl Findings {
              The machine may be shared: other work on it (builds, other tests, other \
              guards' programs) shows up as spread, so every figure is a median of \
              interleaved runs with its 10th and 90th percentiles.\n\n\
-             ## Targets (issue 14)\n\n{}\n\
+             ## Targets (issue 14)\n\n{}{}\n\
              Charts: [start-up](startup.svg), [allowed-lookup latency](dns-latency.svg), \
              [kernel time per query by policy size](cost-by-policy-size.svg).\n{}",
             num_cpus(),
             kernel(),
+            if self.smoke {
+                "**Smoke run** (`--smoke`): tiny sizes, to check that every part works; \
+                 the figures and marks mean nothing.\n\n"
+            } else {
+                ""
+            },
             targets::markdown(&self.targets),
             self.sections
         )
@@ -201,6 +212,7 @@ impl Findings {
             json!({"cpus": num_cpus(), "kernel": kernel()}),
         );
         all.insert("targets".into(), targets::json(&self.targets));
+        all.insert("smoke".into(), self.smoke.into());
         all.into()
     }
 
@@ -367,7 +379,10 @@ impl Bench {
     /// are global, and a standalone run is measured as a host without a
     /// daemon would see it.
     fn run_all(&self) -> Result<Findings> {
-        let mut findings = Findings::default();
+        let mut findings = Findings {
+            smoke: self.sizes.smoke,
+            ..Findings::default()
+        };
         let policy = self.policy(HEADLINE_POLICY)?;
         self.standalone_startup(&mut findings)?;
         self.policy_startup(&mut findings)?;
@@ -397,7 +412,10 @@ impl Bench {
                     steps: Vec::new(),
                 })
             } else {
-                timed_run(self.standalone_run(None).arg("true"))
+                timed_run(
+                    self.standalone_run(None).arg("true"),
+                    &self.dir.join("startup.log"),
+                )
             }
         })?;
         let guarded = runs.pop().unwrap_or_default();
@@ -445,7 +463,10 @@ impl Bench {
             policies.push(Some(self.policy(entries)?));
         }
         let runs = interleaved(self.sizes.policy_rounds, policies.len(), |arm| {
-            timed_run(self.standalone_run(policies[arm].as_deref()).arg("true"))
+            timed_run(
+                self.standalone_run(policies[arm].as_deref()).arg("true"),
+                &self.dir.join("startup.log"),
+            )
         })?;
         let wall = |arm: usize| -> Vec<f64> { runs[arm].iter().map(|run| run.wall_ms).collect() };
         let mut md = format!("## Start-up by policy size\n\nHalf exact names, half `*.` patterns; {} interleaved rounds of `guard run --standalone -q [-p POLICY] -- true`. Extra = the run with the policy minus the run without, per round.\n\n| entries | extra ms, median (p10–p90) |\n| --- | --- |\n", self.sizes.policy_rounds);

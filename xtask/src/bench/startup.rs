@@ -7,6 +7,8 @@
 //! bench starts guard and the last ends when guard has exited, so the steps
 //! add up to the wall time whatever lines guard logs.
 use std::{
+    fs,
+    path::Path,
     process::{Command, Stdio},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -71,22 +73,24 @@ const FIRST_STEP: &str = "until the first logged step (exec, options, policies, 
 /// The last: from guard's last line to its exit as the bench sees it.
 const LAST_STEP: &str = "after the last logged step, until guard has exited";
 
-/// Runs `command` (a `guard run`) with its set-up steps logged, and times
-/// each step.
-pub fn timed_run(command: &mut Command) -> Result<TimedRun> {
+/// Runs `command` (a `guard run`) with its set-up steps logged to `log`,
+/// and times each step. The run ends when guard exits (not when every
+/// holder of its stderr has let go: clean-up guard leaves to another
+/// process is not the user's wait).
+pub fn timed_run(command: &mut Command, log: &Path) -> Result<TimedRun> {
     command
         .env("GUARD_LOG", "guard_daemon=debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(fs::File::create(log)?);
     let started = SystemTime::now();
     let clock = Instant::now();
-    let output = command
-        .output()
+    let status = command
+        .status()
         .with_context(|| format!("running {command:?}"))?;
     let wall = clock.elapsed();
-    let log = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        bail!("{command:?} failed ({}): {log}", output.status);
+    let log = fs::read_to_string(log)?;
+    if !status.success() {
+        bail!("{command:?} failed ({status}): {log}");
     }
     Ok(TimedRun {
         wall_ms: wall.as_secs_f64() * 1000.0,

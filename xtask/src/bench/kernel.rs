@@ -61,6 +61,8 @@ impl ProgramStats {
     }
 }
 
+/// bpftool's JSON answer; `null` when it prints nothing (as `cgroup show`
+/// does for a cgroup with no program attached).
 fn bpftool_json(args: &[&str]) -> Result<Value> {
     let output = Command::new("bpftool")
         .arg("-j")
@@ -74,12 +76,15 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    if output.stdout.trim_ascii().is_empty() {
+        return Ok(Value::Null);
+    }
     serde_json::from_slice(&output.stdout)
         .with_context(|| format!("bpftool {}: not JSON", args.join(" ")))
 }
 
 /// Every program attached to `cgroup` itself, with its run time and count.
-pub fn cgroup_programs(cgroup: &Path) -> Result<Vec<ProgramStats>> {
+fn attached_programs(cgroup: &Path) -> Result<Vec<ProgramStats>> {
     let path = cgroup.to_str().context("cgroup path is not UTF-8")?;
     let attached = bpftool_json(&["cgroup", "show", path])?;
     let mut programs = Vec::new();
@@ -98,10 +103,20 @@ pub fn cgroup_programs(cgroup: &Path) -> Result<Vec<ProgramStats>> {
             run_count: info["run_cnt"].as_u64().unwrap_or(0),
         });
     }
-    if programs.is_empty() {
-        bail!("no program is attached to {path}");
-    }
     Ok(programs)
+}
+
+/// The programs guarding `cgroup`: those attached to it or, failing that,
+/// to its nearest ancestor below `root` that has any (a standalone run
+/// attaches to its own cgroup, the daemon to the cgroup of all its runs).
+pub fn guarding_programs(cgroup: &Path, root: &Path) -> Result<Vec<ProgramStats>> {
+    for dir in cgroup.ancestors().take_while(|dir| *dir != root) {
+        let programs = attached_programs(dir)?;
+        if !programs.is_empty() {
+            return Ok(programs);
+        }
+    }
+    bail!("no program is attached to {} or above it", cgroup.display())
 }
 
 /// What each program of `after` ran since `before` (same programs, matched

@@ -37,36 +37,56 @@ impl Accounted {
     }
 }
 
+/// Kernel time per allowed query: the packet programs' time over the
+/// queries the load tool sent.
+fn per_query(result: &Value, _packets: u64, time_ns: u64) -> Result<f64> {
+    Ok(time_ns as f64 / result["queries"].as_f64().context("the load's queries")?)
+}
+
 /// How a run's accounting becomes the figure: (the command's result, the
 /// packet programs' run count, their run time in ns) to a number.
 type FigureOf = dyn Fn(&Value, u64, u64) -> Result<f64>;
 
 impl Bench {
-    /// What each program of a standalone run attached to its cgroup did
-    /// while `command` ran: the kernel's accounting, before and after.
-    fn accounted(&self, policy: &Path, command: &[String]) -> Result<(Value, Vec<ProgramStats>)> {
+    /// What each program guarding a run did while `command` ran: the
+    /// kernel's accounting, before and after.
+    fn accounted(
+        &self,
+        policy: &Path,
+        command: &[String],
+        through_daemon: bool,
+    ) -> Result<(Value, Vec<ProgramStats>)> {
+        let guard = if through_daemon {
+            let mut guard = self.guard_via_daemon();
+            guard.args(["run", "-q", "-p"]).arg(policy).arg("--");
+            guard
+        } else {
+            self.standalone_run(Some(policy))
+        };
         let mut run = HeldRun::start(
-            self.standalone_run(Some(policy)),
+            guard,
             command,
             &self.dir.join("kernel.fifo"),
             &self.cgroup_root,
         )?;
-        let before = kernel::cgroup_programs(run.cgroup())?;
+        let cgroup = run.cgroup().to_owned();
+        let programs = || kernel::guarding_programs(&cgroup, &self.cgroup_root);
+        let before = programs()?;
         let result = run
             .command_result()?
             .context("the measured command printed no result")?;
-        let after = kernel::cgroup_programs(run.cgroup())?;
+        let after = programs()?;
         run.finish()?;
         Ok((result, kernel::since(&before, &after)))
     }
 
     /// `kernel_runs` accounted runs of `command` (with a TCP sink to send
-    /// to if `tcp_sink`), each turned into a figure by `figure`.
+    /// to if `tcp_sink`, through the bench's daemon if `through_daemon`),
+    /// each turned into a figure by `figure`.
     fn repeat_accounted(
         &self,
         policy: &Path,
-        command: &[String],
-        tcp_sink: bool,
+        (command, tcp_sink, through_daemon): (&[String], bool, bool),
         figure: &FigureOf,
     ) -> Result<Accounted> {
         let mut figures = Vec::new();
@@ -75,7 +95,7 @@ impl Bench {
         let mut packets = 0;
         for _ in 0..self.sizes.kernel_runs {
             let mut sink = tcp_sink.then(|| self.tcp_sink()).transpose()?;
-            let accounted = self.accounted(policy, command);
+            let accounted = self.accounted(policy, command, through_daemon);
             if let Some(sink) = sink.as_mut() {
                 let _ = sink.kill();
                 let _ = sink.wait();
@@ -120,15 +140,16 @@ impl Bench {
         let mut md = format!("## Kernel time per packet\n\nThe kernel's own accounting (`kernel.bpf_stats_enabled`, on only for these runs): run time and run count of guard's programs on a standalone run's cgroup (`bpftool cgroup show`, `bpftool prog show`), read while the run is held, before and after the measured command. Per allowed DNS query: the egress program's time on the questions plus the ingress program's on the answers, over the queries. Per non-DNS packet: both programs' time over the packets they saw, for UDP request/response on port 5353 and for bulk TCP. {} runs each, {} queries a run.\n\n| traffic | policy entries | ns, median (p10–p90) | per run of each program, ns (median) | packets seen per run |\n| --- | --- | --- | --- | --- |\n", self.sizes.kernel_runs, self.sizes.kernel_queries);
         let mut all = serde_json::Map::new();
         let mut per_size = Vec::new();
-        let per_query: &FigureOf =
-            &|result, _, time| Ok(time as f64 / result["queries"].as_f64().context("queries")?);
         for &entries in &self.sizes.policy_sizes {
             let policy = self.policy(entries)?;
             let dns = self.repeat_accounted(
                 &policy,
-                &self.load_args(SERVER, self.sizes.kernel_queries),
-                false,
-                per_query,
+                (
+                    &self.load_args(SERVER, self.sizes.kernel_queries),
+                    false,
+                    false,
+                ),
+                &per_query,
             )?;
             md += &dns.row("allowed DNS query", entries);
             per_size.push(
@@ -153,11 +174,15 @@ impl Bench {
         };
         let udp = self.repeat_accounted(
             &policy,
-            &self.load_args(OTHER_UDP, self.sizes.kernel_queries),
-            false,
+            (
+                &self.load_args(OTHER_UDP, self.sizes.kernel_queries),
+                false,
+                false,
+            ),
             per_packet,
         )?;
-        let tcp = self.repeat_accounted(&policy, &self.tcp_send_args(), true, per_packet)?;
+        let tcp =
+            self.repeat_accounted(&policy, (&self.tcp_send_args(), true, false), per_packet)?;
         for (key, traffic, accounted) in [
             ("other_udp", "non-DNS UDP request/response", udp),
             ("bulk_tcp", "non-DNS bulk TCP", tcp),
@@ -174,6 +199,31 @@ impl Bench {
             );
         }
         findings.section(md, "kernel_time", all.into());
+        Ok(())
+    }
+
+    /// Kernel time per allowed DNS query through the bench's daemon (its
+    /// pinned programs, attached to the cgroup of all its runs).
+    pub(super) fn kernel_time_via_daemon(&self, findings: &mut Findings) -> Result<()> {
+        let _stats = BpfStats::enable()?;
+        let dns = self.repeat_accounted(
+            &self.policy(HEADLINE_POLICY)?,
+            (
+                &self.load_args(SERVER, self.sizes.kernel_queries),
+                false,
+                true,
+            ),
+            &per_query,
+        )?;
+        let md = format!(
+            "## Kernel time through the daemon\n\nAs above, for `guard run` through the bench's daemon: its programs are attached to the cgroup of all its runs.\n\n| traffic | policy entries | ns, median (p10–p90) | per run of each program, ns (median) | packets seen per run |\n| --- | --- | --- | --- | --- |\n{}",
+            dns.row("allowed DNS query", HEADLINE_POLICY)
+        );
+        findings.section(
+            md,
+            "kernel_time_via_daemon",
+            json!({"entries": HEADLINE_POLICY, "ns_per_query": dns.figure.json(), "programs": dns.runs}),
+        );
         Ok(())
     }
 }

@@ -392,6 +392,7 @@ impl Bench {
         let daemon = BenchDaemon::start(self)?;
         let result = (|| -> Result<()> {
             self.daemon_startup(&mut findings)?;
+            self.kernel_time_via_daemon(&mut findings)?;
             self.allowed_lookups(&policy, &mut findings)?;
             self.bulk_tcp(&policy, &mut findings)?;
             self.footprint(&policy, &daemon, &mut findings)

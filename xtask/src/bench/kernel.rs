@@ -328,3 +328,41 @@ fn make_fifo(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program(id: u64, attach_type: &str, run_time_ns: u64, run_count: u64) -> ProgramStats {
+        ProgramStats {
+            id,
+            name: format!("program_{id}"),
+            attach_type: attach_type.into(),
+            run_time_ns,
+            run_count,
+        }
+    }
+
+    #[test]
+    fn packet_totals_count_what_ran_since_and_only_packet_programs() {
+        let before = [
+            program(1, "cgroup_inet_egress", 1_000, 10),
+            program(2, "cgroup_inet_ingress", 500, 5),
+            program(3, "cgroup_sock_ops", 100, 1),
+        ];
+        let after = [
+            program(1, "cgroup_inet_egress", 91_000, 110),
+            program(2, "cgroup_inet_ingress", 80_500, 105),
+            program(3, "cgroup_sock_ops", 9_100, 31),
+        ];
+        let ran = since(&before, &after);
+        assert_eq!((ran[0].run_time_ns, ran[0].run_count), (90_000, 100));
+        assert_eq!(packet_totals(&ran), (170_000, 200));
+    }
+
+    #[test]
+    fn a_program_absent_before_counts_from_zero() {
+        let ran = since(&[], &[program(7, "cgroup_inet_egress", 300, 3)]);
+        assert_eq!(packet_totals(&ran), (300, 3));
+    }
+}

@@ -1,10 +1,10 @@
 //! The kernel's own accounting of guard's programs: run time and run count
-//! per program (`kernel.bpf_stats_enabled`), read with `bpftool` while a
+//! per program (BPF run-time statistics), read with `bpftool` while a
 //! run's programs are attached.
 use std::{
     fs,
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    os::{fd::OwnedFd, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -13,34 +13,22 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-const STATS_SWITCH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// `kernel.bpf_stats_enabled` on for as long as this lives; put back as it
-/// was when dropped (the accounting costs two clock reads per program run,
-/// so it is not left on).
+/// The kernel's run-time accounting of every BPF program, on for as long
+/// as this lives (`BPF_ENABLE_STATS`: the kernel counts while any such
+/// file descriptor is open or `kernel.bpf_stats_enabled` is 1). Unlike
+/// the sysctl, it needs no putting back: it ends when the bench drops it
+/// or dies however it dies, and it leaves the sysctl, which others on the
+/// machine may be using, alone. (The accounting costs two clock reads per
+/// program run, so it is not left on.)
 pub struct BpfStats {
-    before: String,
+    _enabled: OwnedFd,
 }
 
 impl BpfStats {
     pub fn enable() -> Result<BpfStats> {
-        let before = fs::read_to_string(STATS_SWITCH)
-            .with_context(|| format!("reading {STATS_SWITCH}"))?
-            .trim()
-            .to_string();
-        fs::write(STATS_SWITCH, "1").with_context(|| format!("enabling {STATS_SWITCH}"))?;
-        Ok(BpfStats { before })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(e) = fs::write(STATS_SWITCH, &self.before) {
-            eprintln!(
-                "bench: could not restore {STATS_SWITCH} to {}: {e}",
-                self.before
-            );
-        }
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling the kernel's BPF run-time statistics (BPF_ENABLE_STATS)")?;
+        Ok(BpfStats { _enabled: fd })
     }
 }
 

@@ -134,10 +134,10 @@ impl Bench {
     }
 
     /// Kernel time per allowed DNS query (by policy size) and per non-DNS
-    /// packet, from `kernel.bpf_stats_enabled`.
+    /// packet, from the kernel's BPF run-time statistics.
     pub(super) fn kernel_time(&self, findings: &mut Findings) -> Result<()> {
         let _stats = BpfStats::enable()?;
-        let mut md = format!("## Kernel time per packet\n\nThe kernel's own accounting (`kernel.bpf_stats_enabled`, on only for these runs): run time and run count of guard's programs on a standalone run's cgroup (`bpftool cgroup show`, `bpftool prog show`), read while the run is held, before and after the measured command. Per allowed DNS query: the egress program's time on the questions plus the ingress program's on the answers, over the queries. Per non-DNS packet: both programs' time over the packets they saw, for UDP request/response on port 5353 and for bulk TCP. {} runs each, {} queries a run.\n\n| traffic | policy entries | ns, median (p10–p90) | per run of each program, ns (median) | packets seen per run |\n| --- | --- | --- | --- | --- |\n", self.sizes.kernel_runs, self.sizes.kernel_queries);
+        let mut md = format!("## Kernel time per packet\n\nThe kernel's own accounting (BPF run-time statistics, `BPF_ENABLE_STATS`, on only for these runs): run time and run count of guard's programs on a standalone run's cgroup (`bpftool cgroup show`, `bpftool prog show`), read while the run is held, before and after the measured command. Per allowed DNS query: the egress program's time on the questions plus the ingress program's on the answers, over the queries. Per non-DNS packet: both programs' time over the packets they saw, for UDP request/response on port 5353 and for bulk TCP. {} runs each, {} queries a run.\n\n| traffic | policy entries | ns, median (p10–p90) | per run of each program, ns (median) | packets seen per run |\n| --- | --- | --- | --- | --- |\n", self.sizes.kernel_runs, self.sizes.kernel_queries);
         let mut all = serde_json::Map::new();
         let mut per_size = Vec::new();
         for &entries in &self.sizes.policy_sizes {

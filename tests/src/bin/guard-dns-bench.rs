@@ -2,7 +2,8 @@
 //!
 //!   serve ADDR SECONDS                 a DNS server that records nothing
 //!   load SERVER QUERIES WINDOW         allowed-lookup load: QUERIES queries,
-//!                                      WINDOW in flight; qps, p50, p99
+//!                                      WINDOW in flight; qps, p50, p99, and
+//!                                      the latency percentiles 0..=100
 //!   flood SERVER NAME QUERIES RATE     send QUERIES queries for NAME at RATE
 //!                                      per second (0 = as fast as possible);
 //!                                      counts sends the kernel refused
@@ -134,12 +135,16 @@ fn load(server: SocketAddr, queries: u64, window: usize) {
             .copied()
             .unwrap_or(0)
     };
+    let percentiles: Vec<String> = (0..=100)
+        .map(|p| percentile(f64::from(p) / 100.0).to_string())
+        .collect();
     println!(
-        "{{\"queries\": {queries}, \"answered\": {}, \"lost\": {lost}, \"seconds\": {seconds:.4}, \"qps\": {:.1}, \"p50_us\": {}, \"p99_us\": {}}}",
+        "{{\"queries\": {queries}, \"answered\": {}, \"lost\": {lost}, \"seconds\": {seconds:.4}, \"qps\": {:.1}, \"p50_us\": {}, \"p99_us\": {}, \"percentiles_us\": [{}]}}",
         latencies.len(),
         latencies.len() as f64 / seconds,
         percentile(0.50),
-        percentile(0.99)
+        percentile(0.99),
+        percentiles.join(", ")
     );
 }
 

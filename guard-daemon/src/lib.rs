@@ -11,7 +11,8 @@
 //! - [`daemon`]: the long-lived service (`guard daemon`);
 //! - [`api`]: the daemon's socket protocol and its client;
 //! - [`doctor`]: `guard doctor`, what on this host weakens the guard;
-//! - [`cli`]: the command line on top of all of them.
+//! - [`cli`]: the command line on top of all of them;
+//! - [`fault`]: test-only fault injection (debug builds), usable anywhere.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
 //! reports; report knows nothing of runs; run and daemon share only the
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod daemon;
 pub mod doctor;
 pub mod error;
+pub mod fault;
 pub mod kernel;
 pub mod policy;
 pub mod report;

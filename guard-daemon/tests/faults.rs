@@ -1,0 +1,505 @@
+//! Faults, injected on the real kernel: the daemon killed (SIGKILL) at each
+//! step of a run's set-up and tear-down (`GUARD_FAULT_AT`, honoured by debug
+//! builds only), the daemon gone for longer than a run waits for it, the
+//! guard uninstalled under a run, a full disk for the reports, the socket
+//! path squatted, a second daemon against the same pins, a reload stuck on a
+//! FIFO.
+//!
+//! The invariant checked every time: the command never runs unguarded (a
+//! denied lookup it makes after the fault never reaches the test DNS server,
+//! whose log is checked), and a blocked lookup is never reported as a pass
+//! (nor as 125, "not run", for a command that ran).
+mod common;
+
+use std::{
+    fs,
+    os::unix::{
+        fs::{FileTypeExt as _, OpenOptionsExt as _},
+        net::UnixListener,
+        process::ExitStatusExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{
+    daemon::{TestDaemon, FRONTEND},
+    dns_query, eventually, report, saw, validate_report, Run, Sandbox, GUARD,
+};
+use guard_daemon::{api::client, fault::FAULT_AT, kernel::KernelMaps as _};
+
+/// A script that looks up two denied names, before and after `gate`
+/// exists (made by the test once the fault has happened; None: at once).
+fn two_denied_lookups(gate: Option<&Path>) -> String {
+    let wait = gate.map_or(String::new(), |gate| {
+        format!("while [ ! -e {} ]; do sleep 0.02; done; ", gate.display())
+    });
+    format!(
+        "{q} 127.0.0.1:53 before.frontend.test; echo before=$?; {wait}{q} 127.0.0.1:53 after.frontend.test; echo after=$?",
+        q = dns_query()
+    )
+}
+
+/// A script that looks up a denied name once, then another one until it is
+/// killed, saying LEAKED if one is ever answered.
+fn denied_lookups_forever() -> String {
+    format!(
+        "{q} 127.0.0.1:53 before.frontend.test; echo before=$?; while :; do {q} --timeout 1 127.0.0.1:53 after.frontend.test >/dev/null && echo LEAKED; sleep 0.02; done",
+        q = dns_query()
+    )
+}
+
+/// A run ended by the guard's removal: never unguarded, exit 75, and the
+/// report says so and keeps what was seen. Returns the report.
+fn assert_ended_by_removal(
+    sandbox: &Sandbox,
+    finished: &Run,
+    report_path: &Path,
+    log: &str,
+) -> serde_json::Value {
+    assert_eq!(finished.code, 75, "{finished:?}\n{log}");
+    assert!(!finished.stdout.contains("LEAKED"), "{finished:?}");
+    assert!(
+        finished.stderr.contains("the guard was removed"),
+        "{finished:?}"
+    );
+    for name in ["before.frontend.test", "after.frontend.test"] {
+        assert!(!saw(sandbox, name), "{name} was answered: {finished:?}");
+    }
+    let report = report(report_path);
+    validate_report(&report);
+    assert_eq!(report["fault"]["kind"], "guard-removed", "{report:#}");
+    assert_eq!(report["exit_code"], 75);
+    // What it saw is kept: the first lookup's record, and every blocked
+    // lookup counted.
+    assert!(report["counters"]["blocked"].as_u64().unwrap() >= 1);
+    assert!(
+        report["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "before.frontend.test"),
+        "{report:#}"
+    );
+    report
+}
+
+/// The invariant: no denied name reached the servers, and a run with a
+/// blocked lookup did not pass. Returns the report.
+fn assert_guarded(
+    sandbox: &Sandbox,
+    run: &Run,
+    report_path: &Path,
+    blocked: u64,
+) -> serde_json::Value {
+    for name in ["before.frontend.test", "after.frontend.test"] {
+        assert!(!saw(sandbox, name), "{name} was answered: {run:?}");
+    }
+    assert_ne!(run.code, 0, "a blocked lookup reported as a pass: {run:?}");
+    assert_ne!(
+        run.code, 125,
+        "a command that ran reported as not run: {run:?}"
+    );
+    let report = report(report_path);
+    validate_report(&report);
+    assert_eq!(
+        report["counters"]["blocked"], blocked,
+        "{report:#}\n{run:?}"
+    );
+    report
+}
+
+/// Run cgroups still present in the daemon's runs cgroup.
+fn run_cgroups(daemon: &TestDaemon) -> Vec<PathBuf> {
+    fs::read_dir(daemon.cgroups.join("runs"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nothing of a finished run is left: no cgroup, no binding.
+fn assert_runs_cleaned_up(daemon: &TestDaemon) {
+    assert!(
+        eventually(Duration::from_secs(10), || run_cgroups(daemon).is_empty()
+            && daemon.pinned().bindings().unwrap().is_empty()),
+        "left behind: {:?}, {:?}\n{}",
+        run_cgroups(daemon),
+        daemon.pinned().bindings(),
+        daemon.log()
+    );
+}
+
+/// The daemon killed at each step of a run's set-up and tear-down, then
+/// restarted (as systemd does): the run is guarded throughout and keeps
+/// its verdict. Set-up faults before the reply send the run standalone;
+/// later ones are resumed, or finished with the counters read from the
+/// kernel.
+#[test]
+fn the_daemon_killed_at_each_step_of_a_run_never_leaves_it_unguarded() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let steps = [
+        ("run-cgroup-created", "standalone"),
+        ("run-rules-written", "standalone"),
+        ("run-bound", "standalone"),
+        ("run-replied", "daemon"),
+        ("run-ending", "daemon"),
+        ("run-emptied", "daemon"),
+        ("run-totals-queued", "daemon"),
+        ("run-unbound", "daemon"),
+        ("run-retired", "daemon"),
+    ];
+    for (step, placement) in steps {
+        daemon.stop();
+        daemon.spawn_with(&[(FAULT_AT, step)]);
+        daemon.wait_ready();
+        let report_path = sandbox.path(&format!("{step}.json"));
+        let gate = sandbox.path(&format!("{step}.gate"));
+        // A set-up fault happens before the command starts; give a later
+        // one time to happen while the command runs (or has ended).
+        let script = if placement == "standalone" {
+            two_denied_lookups(None)
+        } else {
+            two_denied_lookups(Some(&gate))
+        };
+        let run = daemon.start_script(
+            &sandbox,
+            &report_path,
+            &script,
+            &[(client::DAEMON_RETURN_TIMEOUT_ENV, "60000")],
+        );
+        if step == "run-replied" {
+            // Dies as soon as the run is set up: the lookups come after.
+            let status = daemon.wait_exit();
+            assert_eq!(status.signal(), Some(9), "{step}: {}", daemon.log());
+            fs::write(&gate, "").unwrap();
+        } else if placement == "daemon" {
+            fs::write(&gate, "").unwrap();
+            let status = daemon.wait_exit();
+            assert_eq!(status.signal(), Some(9), "{step}: {}", daemon.log());
+        } else {
+            let status = daemon.wait_exit();
+            assert_eq!(status.signal(), Some(9), "{step}: {}", daemon.log());
+        }
+        // Restarted, as `Restart=on-failure` does.
+        daemon.spawn();
+        let finished = Run::from(run.wait_with_output().unwrap());
+        assert_eq!(finished.code, 77, "{step}: {finished:?}\n{}", daemon.log());
+        assert!(finished.stdout.contains("before=1"), "{step}: {finished:?}");
+        assert!(finished.stdout.contains("after=1"), "{step}: {finished:?}");
+        let report = assert_guarded(&sandbox, &finished, &report_path, 2);
+        let runs_dir = daemon.cgroups.join("runs");
+        let through_daemon = report["cgroup"]
+            .as_str()
+            .unwrap()
+            .starts_with(runs_dir.to_str().unwrap());
+        assert_eq!(
+            through_daemon,
+            placement == "daemon",
+            "{step}: {report:#}\n{finished:?}"
+        );
+        if placement == "standalone" {
+            assert!(
+                finished.stderr.contains("running standalone"),
+                "{step}: {finished:?}"
+            );
+        }
+        assert_runs_cleaned_up(&daemon);
+    }
+}
+
+/// `guard daemon --uninstall` during a run, with the default runs cgroup
+/// (below the daemon's own cgroup, not the uninstalling process's): the run
+/// is found from the pinned state and ended while still guarded; its
+/// `guard run` says the guard was removed, exits 75 and keeps what it saw.
+#[test]
+fn uninstall_during_a_run_ends_it_and_the_run_says_so() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start_in_service(&[FRONTEND]);
+    let report_path = sandbox.path("report.json");
+    let run = daemon.start_script(&sandbox, &report_path, &denied_lookups_forever(), &[]);
+    let service_runs = daemon.cgroups.join("service/runs");
+    assert!(
+        eventually(Duration::from_secs(10), || fs::read_dir(&service_runs)
+            .is_ok_and(|mut e| e.next().is_some())),
+        "{}",
+        daemon.log()
+    );
+    // The command is looping on a denied name.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.stop();
+    let uninstall = Run::from(
+        daemon
+            .admin(&["daemon", "--uninstall", "--config"])
+            .arg(&daemon.config)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(uninstall.code, 0, "{uninstall:?}");
+    assert!(uninstall.stdout.contains("ended the run"), "{uninstall:?}");
+    assert!(!daemon.pin_root.exists());
+    let finished = Run::from(run.wait_with_output().unwrap());
+    assert_ended_by_removal(&sandbox, &finished, &report_path, &daemon.log());
+    assert!(fs::read_dir(&service_runs).map_or(true, |mut e| e.next().is_none()));
+}
+
+/// The daemon stopped for longer than a finished run waits for it: the run
+/// ends itself with the counters read from the pinned maps (both blocked
+/// lookups, one of them made while the daemon was down), never "0 blocked".
+#[test]
+fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let report_path = sandbox.path("report.json");
+    let gate = sandbox.path("gate");
+    let run = daemon.start_script(
+        &sandbox,
+        &report_path,
+        &two_denied_lookups(Some(&gate)),
+        &[(client::DAEMON_RETURN_TIMEOUT_ENV, "1000")],
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        daemon.status()["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["kind"] == "run" && b["counters"]["blocked"] == 1)
+    }));
+    daemon.stop();
+    fs::write(&gate, "").unwrap();
+    let finished = Run::from(run.wait_with_output().unwrap());
+    assert_eq!(finished.code, 77, "{finished:?}");
+    assert!(finished.stdout.contains("after=1"), "{finished:?}");
+    let report = assert_guarded(&sandbox, &finished, &report_path, 2);
+    assert_eq!(report["fault"]["kind"], "daemon-gone", "{report:#}");
+    // The record of the lookup made while the daemon was down never
+    // reached the run: counted as lost, not dropped silently.
+    assert_eq!(report["events"].as_array().unwrap().len(), 1, "{report:#}");
+    assert_eq!(report["events_lost"], 1, "{report:#}");
+    assert!(run_cgroups(&daemon).is_empty());
+    // A daemon started later removes what the run left in the maps.
+    daemon.spawn();
+    assert_runs_cleaned_up(&daemon);
+}
+
+/// A full disk for the reports: the verdict stands (77, never 125), and a
+/// run that passed says its report could not be written (74, not 0).
+#[test]
+fn a_full_disk_for_the_reports_keeps_the_verdict() {
+    let sandbox = Sandbox::new();
+    let full = sandbox.path("full");
+    fs::create_dir(&full).unwrap();
+    let guarded_on_full_disk = |name: &str| -> Run {
+        // A tiny tmpfs, filled up, in the run's own mount namespace.
+        let script = format!(
+            "mount --bind \"$0\" /etc/resolv.conf && mount -t tmpfs -o size=64k tmpfs {dir} && \
+             (head -c 1M /dev/zero > {dir}/filler; true) && exec \"$@\"",
+            dir = full.display()
+        );
+        let report_path = full.join("report.json");
+        let junit_path = full.join("junit.xml");
+        let output = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(script)
+            .arg(sandbox.path("resolv.conf"))
+            .args([GUARD, "run", "--standalone", "--deny", "*.frontend.test"])
+            .args(["--report", report_path.to_str().unwrap()])
+            .args(["--junit", junit_path.to_str().unwrap(), "--"])
+            .args([dns_query(), "127.0.0.1:53".into(), name.into()])
+            .output()
+            .unwrap();
+        Run::from(output)
+    };
+    let blocked = guarded_on_full_disk("denied.frontend.test");
+    assert_eq!(blocked.code, 77, "{blocked:?}");
+    assert!(blocked.stderr.contains("writing"), "{blocked:?}");
+    assert!(!saw(&sandbox, "denied.frontend.test"));
+    let passed = guarded_on_full_disk("db.test");
+    assert!(saw(&sandbox, "db.test"));
+    assert_eq!(passed.code, 74, "{passed:?}");
+}
+
+/// Another file on the socket path: the daemon refuses to start (and
+/// leaves the file alone); `guard run` runs standalone. A socket where
+/// nothing answers: `guard run` gives up on it in bounded time and runs
+/// standalone too.
+#[test]
+fn a_squatted_socket_path_leaves_runs_guarded() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    daemon.stop();
+    fs::remove_file(&daemon.socket).unwrap();
+    fs::write(&daemon.socket, "not a socket").unwrap();
+    daemon.spawn_with(&[]);
+    let status = daemon.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    assert!(daemon.log().contains("is not a socket"), "{}", daemon.log());
+    assert_eq!(fs::read_to_string(&daemon.socket).unwrap(), "not a socket");
+
+    let guarded_run = |name: &str, env: &[(&str, &str)]| {
+        let report_path = sandbox.path(&format!("{name}.json"));
+        let client = dns_query();
+        let mut args = vec!["run", "--deny", "*.frontend.test", "--report"];
+        args.push(report_path.to_str().unwrap());
+        args.extend(["--", &client, "127.0.0.1:53", name]);
+        let run = Run::from(
+            daemon
+                .guard(&sandbox, &args)
+                .envs(env.iter().copied())
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(run.code, 77, "{run:?}");
+        assert!(!saw(&sandbox, name), "{name} was answered: {run:?}");
+        report(&report_path)
+    };
+    guarded_run("file.frontend.test", &[]);
+
+    // A socket that accepts connections but never answers.
+    fs::remove_file(&daemon.socket).unwrap();
+    let _silent = UnixListener::bind(&daemon.socket).unwrap();
+    assert!(fs::metadata(&daemon.socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    let report = guarded_run(
+        "silent.frontend.test",
+        &[(client::HANDSHAKE_TIMEOUT_ENV, "500")],
+    );
+    assert_eq!(report["counters"]["blocked"], 1);
+    fs::remove_file(&daemon.socket).unwrap();
+}
+
+/// A second daemon against the same pins (another socket) is refused before
+/// it touches anything, and so is `--uninstall` while the first holds them;
+/// the first goes on guarding.
+#[test]
+fn a_second_daemon_against_the_same_pins_is_refused() {
+    let sandbox = Sandbox::new();
+    let (daemon, agent) = TestDaemon::with_agent();
+    let second = daemon.dir.path().join("second.yaml");
+    let other_socket = daemon.dir.path().join("other/guard.sock");
+    let config = fs::read_to_string(&daemon.config).unwrap().replace(
+        &daemon.socket.display().to_string(),
+        &other_socket.display().to_string(),
+    );
+    fs::write(&second, config).unwrap();
+    let daemon_with = |extra: &[&str]| {
+        Run::from(
+            Command::new(GUARD)
+                .arg("daemon")
+                .args(extra)
+                .arg("--config")
+                .arg(&second)
+                .output()
+                .unwrap(),
+        )
+    };
+    let refused = daemon_with(&[]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("another guard daemon"),
+        "{refused:?}"
+    );
+    let uninstall = daemon_with(&["--uninstall"]);
+    assert_eq!(uninstall.code, 1, "{uninstall:?}");
+    assert!(daemon.pin_root.exists());
+    // The first daemon still guards its binding.
+    daemon.assert_still_guards(&sandbox, &agent, "x.frontend.test");
+}
+
+/// A FIFO named `*.yaml` in the policies directory: a reload that reads it
+/// may wait, but status and runs go on meanwhile.
+#[test]
+fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let fifo = daemon.dir.path().join("policies/stuck.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reload = daemon
+        .admin(&["reload"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Status answers.
+    let status = daemon.status();
+    assert_eq!(
+        status["runs_cgroup"],
+        daemon.cgroups.join("runs").to_str().unwrap()
+    );
+    // A run goes through the daemon, guarded.
+    let report_path = sandbox.path("report.json");
+    let finished = Run::from(
+        daemon
+            .start_script(&sandbox, &report_path, &two_denied_lookups(None), &[])
+            .wait_with_output()
+            .unwrap(),
+    );
+    assert_eq!(finished.code, 77, "{finished:?}");
+    let report = assert_guarded(&sandbox, &finished, &report_path, 2);
+    assert!(
+        report["cgroup"]
+            .as_str()
+            .unwrap()
+            .starts_with(daemon.cgroups.join("runs").to_str().unwrap()),
+        "the run did not go through the daemon: {report:#}"
+    );
+    // Let a reader stuck on the FIFO go (a writer that closes at once;
+    // non-blocking, for when nothing reads it).
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo);
+    fs::remove_file(&fifo).unwrap();
+    let mut reload = reload;
+    let _ = reload.wait();
+}
+
+/// A new generation (another build, or here another ring-buffer size)
+/// that cannot carry a run over, started with another runs cgroup too: the
+/// old generation's run is found from its pins, wherever it is, and ended
+/// before those pins go; its `guard run` says the guard was removed.
+#[test]
+fn a_new_generation_ends_the_runs_it_cannot_carry_over() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let report_path = sandbox.path("report.json");
+    let run = daemon.start_script(&sandbox, &report_path, &denied_lookups_forever(), &[]);
+    let old_runs = daemon.cgroups.join("runs");
+    assert!(eventually(Duration::from_secs(10), || {
+        daemon.status()["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["kind"] == "run" && b["counters"]["blocked"].as_u64() >= Some(1))
+    }));
+    daemon.kill9();
+    let config = fs::read_to_string(&daemon.config).unwrap();
+    let relative = daemon.cgroups.file_name().unwrap().to_str().unwrap();
+    fs::write(
+        &daemon.config,
+        format!("ring_buffer_size: 1048576\n{config}").replace(
+            &format!("runs_cgroup: /{relative}/runs"),
+            &format!("runs_cgroup: /{relative}/runs2"),
+        ),
+    )
+    .unwrap();
+    daemon.spawn();
+    let finished = Run::from(run.wait_with_output().unwrap());
+    assert_ended_by_removal(&sandbox, &finished, &report_path, &daemon.log());
+    assert!(daemon
+        .log()
+        .contains("ended a run of a previous generation"));
+    let leftover = fs::read_dir(&old_runs)
+        .map(|e| e.flatten().filter(|e| e.path().is_dir()).count())
+        .unwrap_or(0);
+    assert_eq!(leftover, 0);
+}

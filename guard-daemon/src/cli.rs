@@ -18,6 +18,12 @@ Exit status of `guard run`:
                 the run took a way around the guard (left its cgroup, a
                 packet or raw socket, guard's programs detached, a hosts
                 entry for a denied name), even if CMD exited 0 (the CI gate)
+  74            CMD ran and nothing was blocked, but an output (--report,
+                --junit, ...) could not be written (a full disk)
+  75            the guard was removed while CMD ran (guard daemon
+                --uninstall, a new generation); CMD was ended
+  76            the daemon hosting the run went away for good and the
+                run's counters could not be read; no block is known
   125           guard could not set up enforcement, or a policy or option
                 was invalid; CMD was not run (unless --fail-open)
   126           CMD was found but could not be run

@@ -503,3 +503,16 @@ fn a_new_generation_ends_the_runs_it_cannot_carry_over() {
         .unwrap_or(0);
     assert_eq!(leftover, 0);
 }
+
+/// `guard run --help` names the statuses of the faults.
+#[test]
+fn help_documents_the_fault_statuses() {
+    let output = Command::new(GUARD)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for status in ["74 ", "75 ", "76 "] {
+        assert!(help.contains(status), "{status} missing:\n{help}");
+    }
+}

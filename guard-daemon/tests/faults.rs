@@ -415,11 +415,12 @@ fn a_second_daemon_against_the_same_pins_is_refused() {
 }
 
 /// A FIFO named `*.yaml` in the policies directory: a reload that reads it
-/// may wait, but status and runs go on meanwhile.
+/// may wait, but status and runs go on meanwhile, and the daemon still
+/// stops when asked.
 #[test]
 fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
     let sandbox = Sandbox::new();
-    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
     let fifo = daemon.dir.path().join("policies/stuck.yaml");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let reload = daemon
@@ -452,6 +453,8 @@ fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
             .starts_with(daemon.cgroups.join("runs").to_str().unwrap()),
         "the run did not go through the daemon: {report:#}"
     );
+    // A reload stuck on the FIFO does not keep the daemon from stopping.
+    daemon.stop();
     // Let a reader stuck on the FIFO go (a writer that closes at once;
     // non-blocking, for when nothing reads it).
     let _ = fs::OpenOptions::new()

@@ -97,7 +97,7 @@ pub fn main(options: DaemonOptions) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match start(config).await {
             Ok((daemon, ring, listener)) => serve(daemon, ring, listener).await,
             Err(e) => {
@@ -106,7 +106,11 @@ pub fn main(options: DaemonOptions) -> i32 {
                 1
             }
         }
-    })
+    });
+    // A reload stuck reading a file (a FIFO) must not keep the daemon from
+    // stopping: dropping the runtime would wait for it.
+    runtime.shutdown_background();
+    code
 }
 
 enum Msg {

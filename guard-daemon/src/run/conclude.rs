@@ -144,6 +144,15 @@ pub(super) fn conclude(
             drops.max(reported)
         );
     }
+    match exit_code {
+        EXIT_GUARD_REMOVED => eprintln!(
+            "guard: exit {EXIT_GUARD_REMOVED}: the guard was removed while the command ran, which ended it (it exited with {command_code}); above is what was seen until then"
+        ),
+        EXIT_VERDICT_UNKNOWN => eprintln!(
+            "guard: exit {EXIT_VERDICT_UNKNOWN}: the run's counters could not be read after the daemon went away; no blocked lookup is known, but none can be ruled out"
+        ),
+        _ => {}
+    }
     if failing_evidence > 0 {
         eprintln!(
             "guard: exit {EXIT_BLOCKED}: {failing_evidence} way(s) around the DNS guard (escapes, raw sockets, tampering, hosts entries; listed above) (the command itself exited with {command_code})"

@@ -466,17 +466,10 @@ fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
     let _ = reload.wait();
 }
 
-/// A new generation (another build, or here another ring-buffer size)
-/// that cannot carry a run over, started with another runs cgroup too: the
-/// old generation's run is found from its pins, wherever it is, and ended
-/// before those pins go; its `guard run` says the guard was removed.
-#[test]
-fn a_new_generation_ends_the_runs_it_cannot_carry_over() {
-    let sandbox = Sandbox::new();
-    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
-    let report_path = sandbox.path("report.json");
-    let run = daemon.start_script(&sandbox, &report_path, &denied_lookups_forever(), &[]);
-    let old_runs = daemon.cgroups.join("runs");
+/// Once the daemon's run has had a lookup blocked: kill -9 of the daemon,
+/// and a restart with `runs_cgroup` moved to `runs2` and `prepend` added
+/// to the configuration.
+fn restart_elsewhere_once_blocked(daemon: &mut TestDaemon, prepend: &str) {
     assert!(eventually(Duration::from_secs(10), || {
         daemon.status()["bindings"]
             .as_array()
@@ -489,13 +482,27 @@ fn a_new_generation_ends_the_runs_it_cannot_carry_over() {
     let relative = daemon.cgroups.file_name().unwrap().to_str().unwrap();
     fs::write(
         &daemon.config,
-        format!("ring_buffer_size: 1048576\n{config}").replace(
+        format!("{prepend}{config}").replace(
             &format!("runs_cgroup: /{relative}/runs"),
             &format!("runs_cgroup: /{relative}/runs2"),
         ),
     )
     .unwrap();
     daemon.spawn();
+}
+
+/// A new generation (another build, or here another ring-buffer size)
+/// that cannot carry a run over, started with another runs cgroup too: the
+/// old generation's run is found from its pins, wherever it is, and ended
+/// before those pins go; its `guard run` says the guard was removed.
+#[test]
+fn a_new_generation_ends_the_runs_it_cannot_carry_over() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let report_path = sandbox.path("report.json");
+    let run = daemon.start_script(&sandbox, &report_path, &denied_lookups_forever(), &[]);
+    let old_runs = daemon.cgroups.join("runs");
+    restart_elsewhere_once_blocked(&mut daemon, "ring_buffer_size: 1048576\n");
     let finished = Run::from(run.wait_with_output().unwrap());
     assert_ended_by_removal(&sandbox, &finished, &report_path, &daemon.log());
     assert!(daemon
@@ -518,4 +525,47 @@ fn help_documents_the_fault_statuses() {
     for status in ["74 ", "75 ", "76 "] {
         assert!(help.contains(status), "{status} missing:\n{help}");
     }
+}
+
+/// A restart with another `runs_cgroup` (same programs, so the generation
+/// is adopted): the runs left in the old runs cgroup are found from the
+/// pinned bindings and stay guarded (their old runs cgroup stays attached)
+/// until they finish, through the restarted daemon.
+#[test]
+fn a_restart_with_another_runs_cgroup_keeps_earlier_runs_guarded() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let report_path = sandbox.path("report.json");
+    let gate = sandbox.path("gate");
+    let script = format!(
+        "{q} 127.0.0.1:53 before.frontend.test; echo before=$?; \
+         while [ ! -e {gate} ]; do {q} --timeout 1 127.0.0.1:53 after.frontend.test >/dev/null && echo LEAKED; sleep 0.05; done",
+        q = dns_query(),
+        gate = gate.display()
+    );
+    let run = daemon.start_script(&sandbox, &report_path, &script, &[]);
+    restart_elsewhere_once_blocked(&mut daemon, "");
+    assert!(daemon.log().contains("adopted a run"), "{}", daemon.log());
+    // Lookups go on, refused, across housekeeping rounds of the new daemon.
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::write(&gate, "").unwrap();
+    let finished = Run::from(run.wait_with_output().unwrap());
+    assert_eq!(finished.code, 77, "{finished:?}\n{}", daemon.log());
+    assert!(!finished.stdout.contains("LEAKED"), "{finished:?}");
+    for name in ["before.frontend.test", "after.frontend.test"] {
+        assert!(!saw(&sandbox, name), "{name} was answered: {finished:?}");
+    }
+    let report = report(&report_path);
+    validate_report(&report);
+    assert!(report.get("fault").is_none(), "{report:#}");
+    assert!(report["counters"]["blocked"].as_u64().unwrap() >= 2);
+    assert!(
+        eventually(Duration::from_secs(10), || daemon
+            .pinned()
+            .bindings()
+            .unwrap()
+            .is_empty()),
+        "{}",
+        daemon.log()
+    );
 }

@@ -552,6 +552,7 @@ impl Daemon {
             .bindings
             .cgroup_ids()
             .chain(self.runs.cgroup_ids())
+            .chain(self.runs.outer_roots(&self.tree.runs_root))
             .collect();
         generation::collect_garbage(&mut self.kernel, &live, &guarded, self.tree.runs_root_id)
     }

@@ -8,7 +8,7 @@
 //! rules and counters are removed. After a restart, runs found in the runs
 //! cgroup wait for their client to resume.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fs,
     hash::BuildHasher as _,
     os::unix::fs::MetadataExt as _,
@@ -100,8 +100,9 @@ pub(super) struct Runs {
 }
 
 impl Runs {
-    /// Runs found in the runs cgroup after a restart: kept, waiting for
-    /// their client to resume, if the client lives; removed otherwise.
+    /// Runs found after a restart, in the runs cgroup or wherever the
+    /// bindings map says they are (an earlier `runs_cgroup`): kept, waiting
+    /// for their client to resume, if the client lives; removed otherwise.
     pub fn adopt(
         &mut self,
         bound: &[(u64, Binding)],
@@ -109,15 +110,24 @@ impl Runs {
         policies: &mut PolicyIds,
         tree: &CgroupTree,
     ) {
-        let Ok(entries) = fs::read_dir(&tree.runs_root) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
+        let mut found: Vec<PathBuf> = fs::read_dir(&tree.runs_root)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let here: HashSet<u64> = found
+            .iter()
+            .filter_map(|path| fs::metadata(path).ok().map(|m| m.ino()))
+            .collect();
+        let elsewhere: HashSet<u64> = bound
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !here.contains(id))
+            .collect();
+        found.extend(kernel::cgroup::find_by_ids(&tree.hierarchy.mount, &elsewhere).into_values());
+        for path in found {
             let Some(pid) = run_owner(&path) else {
                 continue;
             };
-            let Ok(metadata) = entry.metadata() else {
+            let Ok(metadata) = fs::metadata(&path) else {
                 continue;
             };
             let id = metadata.ino();
@@ -465,6 +475,17 @@ impl Runs {
 
     pub fn cgroup_ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.sessions.values().map(|s| s.cgroup_id)
+    }
+
+    /// The cgroups runs outside the runs cgroup live in (an earlier
+    /// `runs_cgroup`): their programs stay attached there while they do.
+    pub fn outer_roots(&self, runs_root: &Path) -> Vec<u64> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.cgroup.parent())
+            .filter(|parent| *parent != runs_root)
+            .filter_map(|parent| fs::metadata(parent).ok().map(|m| m.ino()))
+            .collect()
     }
 }
 

@@ -366,6 +366,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn finds_directories_by_inode_at_any_depth() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a/b/guard-run-1-0");
+        let shallow = root.path().join("c");
+        fs::create_dir_all(&deep).unwrap();
+        fs::create_dir_all(&shallow).unwrap();
+        fs::write(root.path().join("a/file"), "").unwrap();
+        let id = |path: &Path| fs::metadata(path).unwrap().ino();
+        let wanted = HashSet::from([id(&deep), id(&shallow), u64::MAX]);
+        let found = find_by_ids(root.path(), &wanted);
+        assert_eq!(
+            found,
+            HashMap::from([(id(&deep), deep.clone()), (id(&shallow), shallow)])
+        );
+        assert!(find_by_ids(root.path(), &HashSet::new()).is_empty());
+    }
+
+    #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw\n\

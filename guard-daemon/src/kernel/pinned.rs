@@ -431,3 +431,23 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
         root.display()
     ))(io::Error::from_raw_os_error(libc::EXDEV)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_lock_admits_one_holder_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let first = PinLock::take(root.path()).unwrap();
+        let refused = PinLock::take(root.path())
+            .err()
+            .expect("a second lock is refused");
+        assert!(
+            refused.to_string().contains("another guard daemon"),
+            "{refused}"
+        );
+        drop(first);
+        PinLock::take(root.path()).expect("free again once the holder is gone");
+    }
+}

@@ -448,8 +448,16 @@ impl Daemon {
             .complete(policy_id, &mut self.kernel, &mut self.policies)
         {
             crate::fault::point("run-retired");
-            if let Err(e) = crate::kernel::cgroup::remove_cgroup_tree(&cgroup) {
-                tracing::error!(error = %e, "removing a run's cgroup");
+            let remove = move || {
+                if let Err(e) = crate::kernel::cgroup::remove_cgroup_tree(&cgroup) {
+                    tracing::error!(error = %e, "removing a run's cgroup");
+                }
+            };
+            // Off the daemon's task too: a process that would not die holds
+            // the removal up, and nothing else.
+            match self.tx {
+                Some(_) => drop(tokio::task::spawn_blocking(remove)),
+                None => remove(),
             }
         }
     }

@@ -144,6 +144,23 @@ fn assert_runs_cleaned_up(daemon: &TestDaemon) {
 fn the_daemon_killed_at_each_step_of_a_run_never_leaves_it_unguarded() {
     let sandbox = Sandbox::new();
     let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    // A run in progress through every fault and restart below, looking up
+    // a denied name all along.
+    let bystander_report = sandbox.path("bystander.json");
+    let bystander_gate = sandbox.path("bystander.gate");
+    let bystander = daemon.start_script(
+        &sandbox,
+        &bystander_report,
+        &format!(
+            "while [ ! -e {gate} ]; do {q} --timeout 1 127.0.0.1:53 bystander.frontend.test >/dev/null && echo LEAKED; sleep 0.05; done",
+            gate = bystander_gate.display(),
+            q = dns_query()
+        ),
+        &[],
+    );
+    assert!(eventually(Duration::from_secs(10), || run_cgroups(&daemon)
+        .len()
+        == 1));
     let steps = [
         ("run-cgroup-created", "standalone"),
         ("run-rules-written", "standalone"),
@@ -210,8 +227,38 @@ fn the_daemon_killed_at_each_step_of_a_run_never_leaves_it_unguarded() {
                 "{step}: {finished:?}"
             );
         }
-        assert_runs_cleaned_up(&daemon);
+        assert!(
+            eventually(Duration::from_secs(10), || run_cgroups(&daemon).len() == 1),
+            "{step}: left behind: {:?}\n{}",
+            run_cgroups(&daemon),
+            daemon.log()
+        );
     }
+    fs::write(&bystander_gate, "").unwrap();
+    let bystander = Run::from(bystander.wait_with_output().unwrap());
+    assert_eq!(bystander.code, 77, "{bystander:?}\n{}", daemon.log());
+    assert!(!bystander.stdout.contains("LEAKED"), "{bystander:?}");
+    assert!(!saw(&sandbox, "bystander.frontend.test"));
+    let report = report(&bystander_report);
+    assert!(report["counters"]["blocked"].as_u64().unwrap() >= 1);
+    assert!(report.get("fault").is_none(), "{report:#}");
+    // It went through the daemon, and back to each one after a fault.
+    assert!(
+        report["cgroup"]
+            .as_str()
+            .unwrap()
+            .starts_with(daemon.cgroups.join("runs").to_str().unwrap()),
+        "{report:#}"
+    );
+    assert!(
+        bystander
+            .stderr
+            .matches("reconnected to the guard daemon")
+            .count()
+            >= steps.len(),
+        "{bystander:?}"
+    );
+    assert_runs_cleaned_up(&daemon);
 }
 
 /// `guard daemon --uninstall` during a run, with the default runs cgroup

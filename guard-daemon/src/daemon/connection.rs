@@ -197,6 +197,7 @@ async fn run_session(
     tx: mpsc::Sender<Msg>,
     token: u64,
 ) {
+    let new_run = matches!(start, Msg::Run { .. });
     if tx.send(start).await.is_err() {
         return;
     }
@@ -215,7 +216,11 @@ async fn run_session(
         let _ = tx.send(Msg::Detached { policy_id, token }).await;
         return;
     }
-    crate::fault::point("run-replied");
+    crate::fault::point(if new_run {
+        "run-replied"
+    } else {
+        "run-resumed"
+    });
     // Requests are read by a task of their own: reading a frame is not
     // cancel-safe, and in the select below a record to forward would cut a
     // half-read `finish` off and desynchronise the stream.

@@ -19,7 +19,7 @@ use std::{
         process::ExitStatusExt as _,
     },
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -296,17 +296,14 @@ fn uninstall_during_a_run_ends_it_and_the_run_says_so() {
     assert!(fs::read_dir(&service_runs).map_or(true, |mut e| e.next().is_none()));
 }
 
-/// The daemon stopped for longer than a finished run waits for it: the run
-/// ends itself with the counters read from the pinned maps (both blocked
-/// lookups, one of them made while the daemon was down), never "0 blocked".
-#[test]
-fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
-    let sandbox = Sandbox::new();
-    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+/// A run through the daemon that waits only a second for it once its
+/// command is done, started and seen to block its first lookup; its second
+/// waits for the gate. Returns the run, its report's path and the gate.
+fn start_gated_run(daemon: &TestDaemon, sandbox: &Sandbox) -> (Child, PathBuf, PathBuf) {
     let report_path = sandbox.path("report.json");
     let gate = sandbox.path("gate");
     let run = daemon.start_script(
-        &sandbox,
+        sandbox,
         &report_path,
         &two_denied_lookups(Some(&gate)),
         &[(client::DAEMON_RETURN_TIMEOUT_ENV, "1000")],
@@ -318,6 +315,17 @@ fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
             .iter()
             .any(|b| b["kind"] == "run" && b["counters"]["blocked"] == 1)
     }));
+    (run, report_path, gate)
+}
+
+/// The daemon stopped for longer than a finished run waits for it: the run
+/// ends itself with the counters read from the pinned maps (both blocked
+/// lookups, one of them made while the daemon was down), never "0 blocked".
+#[test]
+fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let (run, report_path, gate) = start_gated_run(&daemon, &sandbox);
     daemon.stop();
     fs::write(&gate, "").unwrap();
     let finished = Run::from(run.wait_with_output().unwrap());
@@ -332,6 +340,43 @@ fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
     assert!(run_cgroups(&daemon).is_empty());
     // A daemon started later removes what the run left in the maps.
     daemon.spawn();
+    assert_runs_cleaned_up(&daemon);
+}
+
+/// A frozen daemon (SIGSTOP: alive, its socket accepting, answering
+/// nothing): a run in progress ends itself with its counters once it has
+/// waited long enough, a new run goes standalone after the handshake's
+/// timeout, and the thawed daemon tidies up after both.
+#[test]
+fn a_frozen_daemon_neither_hangs_runs_nor_loses_their_verdict() {
+    let sandbox = Sandbox::new();
+    let daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let (run, report_path, gate) = start_gated_run(&daemon, &sandbox);
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    fs::write(&gate, "").unwrap();
+    let finished = Run::from(run.wait_with_output().unwrap());
+    assert_eq!(finished.code, 77, "{finished:?}");
+    let report = assert_guarded(&sandbox, &finished, &report_path, 2);
+    assert_eq!(report["fault"]["kind"], "daemon-gone", "{report:#}");
+
+    let late_report = sandbox.path("late.json");
+    let late = Run::from(
+        daemon
+            .start_script(
+                &sandbox,
+                &late_report,
+                &two_denied_lookups(None),
+                &[(client::HANDSHAKE_TIMEOUT_ENV, "500")],
+            )
+            .wait_with_output()
+            .unwrap(),
+    );
+    assert_eq!(late.code, 77, "{late:?}");
+    assert!(late.stderr.contains("did not answer"), "{late:?}");
+    let late = assert_guarded(&sandbox, &late, &late_report, 2);
+    assert!(late.get("fault").is_none(), "{late:#}");
+
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
     assert_runs_cleaned_up(&daemon);
 }
 

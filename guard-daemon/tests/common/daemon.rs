@@ -192,6 +192,12 @@ impl TestDaemon {
             .expect("waiting for the daemon")
     }
 
+    /// Sends the daemon process a signal (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("daemon running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
     /// `systemctl stop guard`: SIGTERM, and wait.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("daemon running");

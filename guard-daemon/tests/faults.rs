@@ -112,7 +112,12 @@ fn assert_guarded(
 
 /// Run cgroups still present in the daemon's runs cgroup.
 fn run_cgroups(daemon: &TestDaemon) -> Vec<PathBuf> {
-    fs::read_dir(daemon.cgroups.join("runs"))
+    child_cgroups(&daemon.cgroups.join("runs"))
+}
+
+/// The cgroups directly below `parent` (none if it is gone).
+fn child_cgroups(parent: &Path) -> Vec<PathBuf> {
+    fs::read_dir(parent)
         .map(|entries| {
             entries
                 .flatten()
@@ -273,11 +278,27 @@ fn uninstall_during_a_run_ends_it_and_the_run_says_so() {
     let run = daemon.start_script(&sandbox, &report_path, &denied_lookups_forever(), &[]);
     let service_runs = daemon.cgroups.join("service/runs");
     assert!(
-        eventually(Duration::from_secs(10), || fs::read_dir(&service_runs)
-            .is_ok_and(|mut e| e.next().is_some())),
+        eventually(Duration::from_secs(10), || child_cgroups(&service_runs)
+            .len()
+            == 1),
         "{}",
         daemon.log()
     );
+    // Something that is not guard's in the runs cgroup.
+    let foreign = service_runs.join("not-a-run");
+    fs::create_dir(&foreign).unwrap();
+    let mut stranger = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec sleep 60",
+            foreign.display()
+        ))
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || fs::read_to_string(
+        foreign.join("cgroup.procs")
+    )
+    .is_ok_and(|p| !p.trim().is_empty())));
     // The command is looping on a denied name.
     std::thread::sleep(Duration::from_millis(300));
     daemon.stop();
@@ -293,7 +314,16 @@ fn uninstall_during_a_run_ends_it_and_the_run_says_so() {
     assert!(!daemon.pin_root.exists());
     let finished = Run::from(run.wait_with_output().unwrap());
     assert_ended_by_removal(&sandbox, &finished, &report_path, &daemon.log());
-    assert!(fs::read_dir(&service_runs).map_or(true, |mut e| e.next().is_none()));
+    // The run is gone; what was not guard's stays, and so does the runs
+    // cgroup holding it.
+    assert_eq!(child_cgroups(&service_runs), vec![foreign.clone()]);
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "not guard's to kill"
+    );
+    assert!(uninstall.stderr.contains("stays"), "{uninstall:?}");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
 }
 
 /// A run through the daemon that waits only a second for it once its

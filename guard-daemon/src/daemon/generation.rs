@@ -142,6 +142,36 @@ pub(super) fn collect_garbage(
     Ok(())
 }
 
+/// The runs cgroups a generation's programs are attached to: attached but
+/// bound to no policy (runs below them are bound one by one), named as
+/// the daemon names them.
+fn attached_runs_roots(generation: &Path, cgroup_mount: &Path) -> Vec<PathBuf> {
+    let bound: HashSet<u64> = PinnedMaps::for_bindings(generation)
+        .and_then(|maps| maps.bindings())
+        .map(|bound| bound.into_iter().map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    let unbound: HashSet<u64> = kernel::pinned::attached_cgroups_in(generation)
+        .into_iter()
+        .filter(|id| !bound.contains(id))
+        .collect();
+    cgroup::find_by_ids(cgroup_mount, &unbound)
+        .into_values()
+        .collect()
+}
+
+/// The run cgroups directly below a cgroup.
+fn run_cgroups_in(path: &Path) -> Vec<PathBuf> {
+    fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && cgroup::run_owner(p).is_some())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `guard daemon --uninstall`: ends the runs every pinned generation
 /// guards, then removes everything the daemon pinned and the runs cgroup.
 /// Refused while a daemon answers on the socket or holds the pins.
@@ -191,12 +221,21 @@ pub fn uninstall(config_path: &Path) -> i32 {
             println!("guard daemon: ended the run in {}", ended.display());
             runs_roots.extend(ended.parent().map(Path::to_path_buf));
         }
+        runs_roots.extend(attached_runs_roots(generation, &hierarchy.mount));
     }
     runs_roots.extend(runs_root(&config, &hierarchy).ok());
-    for root in runs_roots {
-        if let Err(e) = remove_cgroup_tree(&root) {
-            eprintln!("guard daemon: {e}");
-            return 1;
+    // What is in a runs cgroup besides runs (a unit attached but not bound
+    // after a crash, say) is not guard's to kill: only run cgroups are
+    // removed, and the runs cgroup itself once empty.
+    for root in runs_roots.into_iter().filter(|root| root.is_dir()) {
+        for run in run_cgroups_in(&root) {
+            if let Err(e) = remove_cgroup_tree(&run) {
+                eprintln!("guard daemon: {e}");
+                return 1;
+            }
+        }
+        if let Err(e) = fs::remove_dir(&root) {
+            eprintln!("guard daemon: note: {} stays: {e}", root.display());
         }
     }
     remove_pins(&config.pin_dir);

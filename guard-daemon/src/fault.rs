@@ -19,6 +19,12 @@ pub fn point(step: &str) {
     }
 }
 
+/// Whether the variable `name` is set to `1` (debug builds only): a fault a
+/// test asks for that is not a crash (counters that cannot be read, ...).
+pub fn asked(name: &str) -> bool {
+    cfg!(debug_assertions) && std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 /// `default`, or in debug builds the milliseconds the variable `name` gives.
 pub fn duration(name: &str, default: Duration) -> Duration {
     if !cfg!(debug_assertions) {

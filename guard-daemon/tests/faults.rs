@@ -373,6 +373,68 @@ fn a_daemon_gone_longer_than_the_run_waits_keeps_the_verdict() {
     assert_runs_cleaned_up(&daemon);
 }
 
+/// The daemon gone for good and the run's counters unreadable (as with a
+/// daemon that does not say where they are): a blocked lookup known from
+/// the records received still gives 77; with none known, 76, never a pass.
+#[test]
+fn a_daemon_gone_with_unreadable_counters_never_passes() {
+    let sandbox = Sandbox::new();
+    let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
+    let unreadable = [
+        (client::DAEMON_RETURN_TIMEOUT_ENV, "1000"),
+        (client::NO_PINNED_COUNTERS_ENV, "1"),
+    ];
+    let blocked_report = sandbox.path("blocked.json");
+    let blocked_gate = sandbox.path("blocked.gate");
+    let blocked = daemon.start_script(
+        &sandbox,
+        &blocked_report,
+        &two_denied_lookups(Some(&blocked_gate)),
+        &unreadable,
+    );
+    let quiet_report = sandbox.path("quiet.json");
+    let quiet_gate = sandbox.path("quiet.gate");
+    let quiet = daemon.start_script(
+        &sandbox,
+        &quiet_report,
+        &format!(
+            "while [ ! -e {} ]; do sleep 0.02; done; {} 127.0.0.1:53 db.test",
+            quiet_gate.display(),
+            dns_query()
+        ),
+        &unreadable,
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        let status = daemon.status();
+        let runs: Vec<&serde_json::Value> = status["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["kind"] == "run")
+            .collect();
+        runs.len() == 2 && runs.iter().any(|b| b["counters"]["blocked"] == 1)
+    }));
+    daemon.stop();
+    fs::write(&blocked_gate, "").unwrap();
+    fs::write(&quiet_gate, "").unwrap();
+
+    let blocked = Run::from(blocked.wait_with_output().unwrap());
+    assert_eq!(blocked.code, 77, "{blocked:?}");
+    let known = assert_guarded(&sandbox, &blocked, &blocked_report, 1);
+    assert_eq!(known["fault"]["kind"], "counters-unavailable", "{known:#}");
+
+    let quiet = Run::from(quiet.wait_with_output().unwrap());
+    assert!(saw(&sandbox, "db.test"));
+    assert_eq!(quiet.code, 76, "{quiet:?}");
+    let report = report(&quiet_report);
+    validate_report(&report);
+    assert_eq!(
+        report["fault"]["kind"], "counters-unavailable",
+        "{report:#}"
+    );
+    assert_eq!(report["exit_code"], 76);
+}
+
 /// A frozen daemon (SIGSTOP: alive, its socket accepting, answering
 /// nothing): a run in progress ends itself with its counters once it has
 /// waited long enough, a new run goes standalone after the handshake's

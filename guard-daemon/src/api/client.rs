@@ -37,6 +37,9 @@ const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tests shorten [`HANDSHAKE_TIMEOUT`] with this (debug builds only).
 pub const HANDSHAKE_TIMEOUT_ENV: &str = "GUARD_TEST_HANDSHAKE_MS";
+/// Tests make the run's pinned counters unreadable with this (`1`, debug
+/// builds only), as with a daemon that does not say where they are.
+pub const NO_PINNED_COUNTERS_ENV: &str = "GUARD_TEST_NO_PINNED_COUNTERS";
 
 pub fn own_object() -> String {
     kernel::object_fingerprint()
@@ -111,6 +114,7 @@ pub fn start_run(socket: &Path, request: &RunRequest) -> Result<Started> {
             // the daemon or the pins later.
             let maps = pin_dir
                 .as_deref()
+                .filter(|_| !crate::fault::asked(NO_PINNED_COUNTERS_ENV))
                 .and_then(|dir| PinnedMaps::for_run_totals(dir).ok());
             Ok(Started::Daemon(Box::new(RunSession {
                 request: request.clone(),

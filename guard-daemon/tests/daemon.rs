@@ -167,8 +167,7 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
         daemon.status()
     );
     fs::write(step(2), "").unwrap();
-    let output = run.wait_with_output().unwrap();
-    let run = Run::from(output);
+    let run = run.wait();
     assert_eq!(run.code, 77, "{run:?}\n{}", daemon.log());
     assert!(run.stdout.contains("during=1"), "{run:?}");
     assert!(run.stdout.contains("after=1"), "{run:?}");

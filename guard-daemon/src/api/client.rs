@@ -34,7 +34,7 @@ pub const DAEMON_RETURN_TIMEOUT_ENV: &str = "GUARD_TEST_DAEMON_RETURN_MS";
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 /// The first exchange with the daemon (it answers in milliseconds; a hung
 /// daemon must not hang every deploy: the run goes standalone instead).
-pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tests shorten [`HANDSHAKE_TIMEOUT`] with this (debug builds only).
 pub const HANDSHAKE_TIMEOUT_ENV: &str = "GUARD_TEST_HANDSHAKE_MS";
 /// Tests make the run's pinned counters unreadable with this (`1`, debug

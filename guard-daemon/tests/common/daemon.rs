@@ -269,33 +269,37 @@ impl TestDaemon {
     }
 
     /// `guard run --deny '*.frontend.test' --report R -- sh -c SCRIPT` as
-    /// a client of this daemon, started (not waited for), output piped.
+    /// a client of this daemon, started (not waited for); its stderr goes
+    /// to `R.stderr`, where the test can watch it.
     pub fn start_script(
         &self,
         sandbox: &Sandbox,
         report_path: &Path,
         script: &str,
         env: &[(&str, &str)],
-    ) -> Child {
-        self.guard(
-            sandbox,
-            &[
-                "run",
-                "--deny",
-                "*.frontend.test",
-                "--report",
-                report_path.to_str().unwrap(),
-                "--",
-                "sh",
-                "-c",
-                script,
-            ],
-        )
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    ) -> ScriptRun {
+        let stderr = report_path.with_extension("stderr");
+        let child = self
+            .guard(
+                sandbox,
+                &[
+                    "run",
+                    "--deny",
+                    "*.frontend.test",
+                    "--report",
+                    report_path.to_str().unwrap(),
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+            )
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        ScriptRun { child, stderr }
     }
 
     /// A command that moves itself into `cgroup` and then runs `args`.
@@ -358,4 +362,30 @@ pub fn query(name: &str) -> Vec<String> {
         "127.0.0.1:53".into(),
         name.into(),
     ]
+}
+
+/// A `guard run` started by [`TestDaemon::start_script`].
+pub struct ScriptRun {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl ScriptRun {
+    /// Waits (up to 10 s) until guard has said `text` on stderr: a record
+    /// it has received, say, before a fault is injected.
+    pub fn wait_to_say(&self, text: &str) {
+        assert!(
+            eventually(Duration::from_secs(10), || fs::read_to_string(&self.stderr)
+                .is_ok_and(|said| said.contains(text))),
+            "guard never said {text:?}: {}",
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+
+    /// Waits for the run to end.
+    pub fn wait(self) -> Run {
+        let mut run = Run::from(self.child.wait_with_output().unwrap());
+        run.stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        run
+    }
 }

@@ -298,13 +298,7 @@ fn uninstall_during_a_run_ends_it_and_the_run_says_so() {
     // The run has seen its first blocked lookup; it loops on another.
     run.wait_to_say("blocked A before.frontend.test");
     daemon.stop();
-    let uninstall = Run::from(
-        daemon
-            .admin(&["daemon", "--uninstall", "--config"])
-            .arg(&daemon.config)
-            .output()
-            .unwrap(),
-    );
+    let uninstall = daemon.uninstall();
     assert_eq!(uninstall.code, 0, "{uninstall:?}");
     assert!(uninstall.stdout.contains("ended the run"), "{uninstall:?}");
     assert!(!daemon.pin_root.exists());
@@ -595,13 +589,31 @@ fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
     let mut daemon = TestDaemon::start(&[FRONTEND], "  []\n");
     let fifo = daemon.dir.path().join("policies/stuck.yaml");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let reload = daemon
+    let mut reload = daemon
         .admin(&["reload"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The reload is stuck reading the FIFO (or, reading files safely, done
+    // with it already).
+    let daemon_pid = daemon.child.as_ref().unwrap().id();
+    let reading_fifo = || {
+        // Waiting in open(2) for a writer, or holding it open.
+        let opening = fs::read_dir(format!("/proc/{daemon_pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|task| {
+                fs::read_to_string(task.path().join("wchan"))
+                    .is_ok_and(|wchan| wchan == "wait_for_partner")
+            })
+        });
+        let holding = fs::read_dir(format!("/proc/{daemon_pid}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == fifo))
+        });
+        opening || holding
+    };
+    assert!(eventually(Duration::from_secs(10), || reading_fifo()
+        || reload.try_wait().unwrap().is_some()));
     // Status answers.
     let status = daemon.status();
     assert_eq!(
@@ -622,8 +634,11 @@ fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
             .starts_with(daemon.cgroups.join("runs").to_str().unwrap()),
         "the run did not go through the daemon: {report:#}"
     );
-    // A reload stuck on the FIFO does not keep the daemon from stopping.
+    // A reload stuck on the FIFO does not keep the daemon from stopping,
+    // nor guard from being uninstalled (which reads no policy).
     daemon.stop();
+    let uninstall = daemon.uninstall();
+    assert_eq!(uninstall.code, 0, "{uninstall:?}");
     // Let a reader stuck on the FIFO go (a writer that closes at once;
     // non-blocking, for when nothing reads it).
     let _ = fs::OpenOptions::new()
@@ -631,7 +646,6 @@ fn a_reload_stuck_on_a_fifo_blocks_nothing_else() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo);
     fs::remove_file(&fifo).unwrap();
-    let mut reload = reload;
     let _ = reload.wait();
 }
 

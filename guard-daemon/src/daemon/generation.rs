@@ -176,7 +176,7 @@ fn run_cgroups_in(path: &Path) -> Vec<PathBuf> {
 /// guards, then removes everything the daemon pinned and the runs cgroup.
 /// Refused while a daemon answers on the socket or holds the pins.
 pub fn uninstall(config_path: &Path) -> i32 {
-    let config = match Config::load_or_default(config_path) {
+    let config = match Config::load_locations(config_path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("guard daemon: {e}");

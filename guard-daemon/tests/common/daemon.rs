@@ -198,6 +198,16 @@ impl TestDaemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     }
 
+    /// `guard daemon --uninstall` with this daemon's configuration.
+    pub fn uninstall(&self) -> Run {
+        Run::from(
+            self.admin(&["daemon", "--uninstall", "--config"])
+                .arg(&self.config)
+                .output()
+                .unwrap(),
+        )
+    }
+
     /// `systemctl stop guard`: SIGTERM, and wait.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("daemon running");

@@ -143,8 +143,8 @@ pub(super) fn collect_garbage(
 }
 
 /// The runs cgroups a generation's programs are attached to: attached but
-/// bound to no policy (runs below them are bound one by one), named as
-/// the daemon names them.
+/// bound to no policy (the runs below them are bound one by one). Only
+/// their run cgroups are ever killed.
 fn attached_runs_roots(generation: &Path, cgroup_mount: &Path) -> Vec<PathBuf> {
     let bound: HashSet<u64> = PinnedMaps::for_bindings(generation)
         .and_then(|maps| maps.bindings())

@@ -8,6 +8,7 @@
 use std::{
     collections::HashSet,
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -81,25 +82,39 @@ pub(super) fn remove_older(kernel: &Pinned, pin_dir: &Path, tree: &CgroupTree) {
     }
 }
 
-/// Ends the runs a pinned generation guards, found from its bindings map
-/// (not from where this process would put runs): every run cgroup bound
-/// there and not in `keep` is killed and removed while the generation's
-/// programs still guard it. Bound units and cgroups are left alone.
-/// Returns the cgroups ended.
+/// Ends the runs a pinned generation guards, found from what it pins (not
+/// from where this process would put runs): the run cgroups its bindings
+/// map names, and those in the runs cgroups its links attach to (which
+/// finds them even when the map cannot be read, from a build of another
+/// layout). Each not in `keep` is killed and removed while the
+/// generation's programs still guard it. Bound units and cgroups, and
+/// anything else that is not a run cgroup, are left alone. Returns the
+/// cgroups ended.
 fn end_runs(generation: &Path, cgroup_mount: &Path, keep: &HashSet<u64>) -> Vec<PathBuf> {
-    let Ok(maps) = PinnedMaps::for_bindings(generation) else {
-        return Vec::new();
-    };
-    let bound: HashSet<u64> = maps
-        .bindings()
-        .unwrap_or_default()
+    let bound: HashSet<u64> = PinnedMaps::for_bindings(generation)
+        .and_then(|maps| maps.bindings())
+        .map(|bound| bound.into_iter().map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    let attached: HashSet<u64> = kernel::pinned::attached_cgroups_in(generation)
         .into_iter()
-        .map(|(id, _)| id)
-        .filter(|id| !keep.contains(id))
         .collect();
+    let found = cgroup::find_by_ids(cgroup_mount, &bound.union(&attached).copied().collect());
+    let mut runs: Vec<PathBuf> = Vec::new();
+    for (id, path) in found {
+        if bound.contains(&id) && cgroup::run_owner(&path).is_some() {
+            runs.push(path.clone());
+        }
+        // A runs cgroup: attached, bound to nothing. (Below a bound unit, a
+        // run cgroup is a standalone `guard run`'s, guarded by its own.)
+        if attached.contains(&id) && !bound.contains(&id) {
+            runs.extend(run_cgroups_in(&path));
+        }
+    }
+    runs.sort();
+    runs.dedup();
     let mut ended = Vec::new();
-    for path in cgroup::find_by_ids(cgroup_mount, &bound).into_values() {
-        if cgroup::run_owner(&path).is_none() {
+    for path in runs {
+        if fs::metadata(&path).is_ok_and(|m| keep.contains(&m.ino())) {
             continue;
         }
         match remove_cgroup_tree(&path) {

@@ -753,3 +753,60 @@ fn a_restart_with_another_runs_cgroup_keeps_earlier_runs_guarded() {
         daemon.log()
     );
 }
+
+/// A standalone `guard run` inside a bound unit (its cgroup below the
+/// unit's, guarded by its own programs) is no run of the daemon's: a new
+/// generation removing the old one leaves it alone.
+#[test]
+fn a_new_generation_leaves_standalone_runs_in_bound_units_alone() {
+    let sandbox = Sandbox::new();
+    let (mut daemon, agent) = TestDaemon::with_agent();
+    let gate = sandbox.path("gate");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; echo finished",
+        gate.display()
+    );
+    let nested = daemon
+        .in_cgroup(
+            &sandbox,
+            &agent,
+            &[
+                GUARD.into(),
+                "run".into(),
+                "--standalone".into(),
+                "--deny".into(),
+                "x.test".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                script,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || child_cgroups(
+        &agent
+    )
+    .iter()
+    .any(
+        |c| fs::read_to_string(c.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+    )));
+    daemon.kill9();
+    let config = fs::read_to_string(&daemon.config).unwrap();
+    fs::write(
+        &daemon.config,
+        format!("ring_buffer_size: 1048576\n{config}"),
+    )
+    .unwrap();
+    daemon.spawn();
+    assert!(daemon.log().contains("removing a previous generation"));
+    fs::write(&gate, "").unwrap();
+    let nested = Run::from(nested.wait_with_output().unwrap());
+    assert_eq!(nested.code, 0, "{nested:?}\n{}", daemon.log());
+    assert!(nested.stdout.contains("finished"), "{nested:?}");
+    assert!(!daemon
+        .log()
+        .contains("ended a run of a previous generation"));
+}

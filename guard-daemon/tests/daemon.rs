@@ -755,14 +755,7 @@ fn a_new_generation_replaces_the_old_without_a_gap() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    daemon.kill9();
-    let config = fs::read_to_string(&daemon.config).unwrap();
-    fs::write(
-        &daemon.config,
-        format!("ring_buffer_size: 1048576\n{config}"),
-    )
-    .unwrap();
-    daemon.spawn();
+    daemon.restart_as_new_generation();
     std::thread::sleep(Duration::from_millis(300));
     fs::write(&stop, "").unwrap();
     let output = client.wait_with_output().unwrap();

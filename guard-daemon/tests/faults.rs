@@ -793,14 +793,7 @@ fn a_new_generation_leaves_standalone_runs_in_bound_units_alone() {
     .any(
         |c| fs::read_to_string(c.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
     )));
-    daemon.kill9();
-    let config = fs::read_to_string(&daemon.config).unwrap();
-    fs::write(
-        &daemon.config,
-        format!("ring_buffer_size: 1048576\n{config}"),
-    )
-    .unwrap();
-    daemon.spawn();
+    daemon.restart_as_new_generation();
     assert!(daemon.log().contains("removing a previous generation"));
     fs::write(&gate, "").unwrap();
     let nested = Run::from(nested.wait_with_output().unwrap());

@@ -198,6 +198,15 @@ impl TestDaemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     }
 
+    /// kill -9, then a restart whose programs differ (another ring-buffer
+    /// size, as an upgrade would): a new generation replaces the old one.
+    pub fn restart_as_new_generation(&mut self) {
+        self.kill9();
+        let config = fs::read_to_string(&self.config).unwrap();
+        fs::write(&self.config, format!("ring_buffer_size: 1048576\n{config}")).unwrap();
+        self.spawn();
+    }
+
     /// `guard daemon --uninstall` with this daemon's configuration.
     pub fn uninstall(&self) -> Run {
         Run::from(

@@ -18,10 +18,16 @@ Exit status of `guard run`:
                 the run took a way around the guard (left its cgroup, a
                 packet or raw socket, guard's programs detached, a hosts
                 entry for a denied name), even if CMD exited 0 (the CI gate)
-  125           guard could not set up enforcement, a policy file was
-                unreadable or invalid, or an output file (--report, --junit,
-                --summary-markdown, --record) could not be opened for
-                writing; CMD was not run (unless --fail-open, for set-up)
+  74            CMD ran and nothing was blocked, but an output (--report,
+                --junit, ..., --deps-db) could not be written (a full disk)
+  75            the guard was removed while CMD ran (guard daemon
+                --uninstall, a new generation); CMD was ended
+  76            the daemon hosting the run went away for good and the
+                run's counters could not be read; no block is known
+  125           guard could not set up enforcement, a policy file or option
+                was unreadable or invalid, or an output file (--report,
+                --junit, --summary-markdown, --record) could not be opened
+                for writing; CMD was not run (unless --fail-open, for set-up)
   126           CMD was found but could not be run
   127           CMD was not found
   128+N         CMD was killed by signal N

@@ -15,7 +15,8 @@
 //!   safely: regular files only, size-capped, UTF-8 checked;
 //! - [`deps`]: `guard deps`, the fleet's deploy-time dependency map built
 //!   from runs' records and reports (a store, a catalog, the questions);
-//! - [`cli`]: the command line on top of all of them.
+//! - [`cli`]: the command line on top of all of them;
+//! - [`fault`]: test-only fault injection (debug builds), usable anywhere.
 //!
 //! Lower layers never use higher ones: kernel and policy know nothing of
 //! reports; report knows nothing of runs; run and daemon share only the
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod deps;
 pub mod doctor;
 pub mod error;
+pub mod fault;
 pub mod input;
 pub mod kernel;
 pub mod policy;

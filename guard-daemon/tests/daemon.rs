@@ -9,230 +9,15 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{dns_query, eventually, report, Run, Sandbox, GUARD};
-use guard_daemon::{
-    kernel::cgroup::{cgroup2_mount_point, remove_cgroup_tree},
-    kernel::{KernelMaps as _, Pinned},
+use common::{
+    daemon::{query, TestDaemon, FRONTEND},
+    dns_query, eventually, report, Run, Sandbox, GUARD,
 };
-
-struct TestDaemon {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    socket: PathBuf,
-    pin_root: PathBuf,
-    /// The test's cgroup subtree: `runs` and bound cgroups live below it.
-    cgroups: PathBuf,
-    child: Option<Child>,
-    starts: u32,
-    json_logs: bool,
-}
-
-impl TestDaemon {
-    /// Writes a configuration (`bindings` is YAML for the `bindings:` key,
-    /// where `@CG@` stands for the test's cgroup subtree) and starts the
-    /// daemon.
-    fn start(policies: &[(&str, &str)], bindings: &str) -> TestDaemon {
-        TestDaemon::start_logging(policies, bindings, false)
-    }
-
-    fn start_logging(policies: &[(&str, &str)], bindings: &str, json_logs: bool) -> TestDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let nonce = format!("{}-{:x}", std::process::id(), rand_nonce());
-        let mount = cgroup2_mount_point(&fs::read_to_string("/proc/self/mountinfo").unwrap())
-            .expect("cgroup2");
-        let relative = format!("guard-test-{nonce}");
-        let cgroups = mount.join(&relative);
-        fs::create_dir(&cgroups).unwrap();
-        fs::create_dir(dir.path().join("policies")).unwrap();
-        for (file, text) in policies {
-            fs::write(dir.path().join("policies").join(file), text).unwrap();
-        }
-        let socket = dir.path().join("run").join("guard.sock");
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/guard-test-{nonce}"));
-        let config = dir.path().join("daemon.yaml");
-        fs::write(
-            &config,
-            format!(
-                "socket: {}\npin_dir: {}\nruns_cgroup: /{relative}/runs\nbindings:\n{}",
-                socket.display(),
-                pin_root.display(),
-                bindings.replace("@CG@", &format!("/{relative}"))
-            ),
-        )
-        .unwrap();
-        let mut daemon = TestDaemon {
-            dir,
-            config,
-            socket,
-            pin_root,
-            cgroups,
-            child: None,
-            starts: 0,
-            json_logs,
-        };
-        daemon.spawn();
-        daemon
-    }
-
-    /// A daemon whose configuration binds the cgroup `agent` (created here)
-    /// to the frontend policy, once it guards it.
-    fn with_agent() -> (TestDaemon, PathBuf) {
-        let daemon = TestDaemon::start(
-            &[FRONTEND],
-            "  - cgroup: @CG@/agent\n    policies: [frontend]\n",
-        );
-        let agent = daemon.cgroup("agent");
-        assert!(
-            eventually(Duration::from_secs(10), || daemon.status()["bindings"][0]
-                ["cgroup"]
-                == agent.to_str().unwrap()),
-            "{}",
-            daemon.log()
-        );
-        (daemon, agent)
-    }
-
-    fn log(&self) -> String {
-        let mut all = String::new();
-        for start in 1..=self.starts {
-            all += &fs::read_to_string(self.dir.path().join(format!("daemon-{start}.log")))
-                .unwrap_or_default();
-        }
-        all
-    }
-
-    /// Starts the daemon process and waits until it answers.
-    fn spawn(&mut self) {
-        self.starts += 1;
-        let log =
-            fs::File::create(self.dir.path().join(format!("daemon-{}.log", self.starts))).unwrap();
-        let child = Command::new(GUARD)
-            .args(["daemon", "--config"])
-            .arg(&self.config)
-            .args(["--log-format", if self.json_logs { "json" } else { "text" }])
-            .env("GUARD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting guard daemon");
-        self.child = Some(child);
-        let ready = eventually(Duration::from_secs(30), || {
-            self.admin(&["status"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        assert!(ready, "the daemon did not become ready:\n{}", self.log());
-    }
-
-    fn kill9(&mut self) {
-        let mut child = self.child.take().expect("daemon running");
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// `guard ARGS` as a client of this daemon (admin commands).
-    fn admin(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(GUARD);
-        command.args(args).env("GUARD_SOCKET", &self.socket);
-        command
-    }
-
-    /// `guard ARGS` as a client of this daemon, with the sandbox resolver.
-    fn guard(&self, sandbox: &Sandbox, args: &[&str]) -> Command {
-        let mut command = sandbox.guard(args);
-        command.env("GUARD_SOCKET", &self.socket);
-        command
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let output = self.admin(&["status", "--json"]).output().unwrap();
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice(&output.stdout).unwrap()
-    }
-
-    fn pinned(&self) -> Pinned {
-        let generation = fs::read_dir(&self.pin_root)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| !p.to_string_lossy().contains("partial-"))
-            .expect("a pinned generation");
-        Pinned::open(&generation).expect("opening the pinned maps")
-    }
-
-    /// A cgroup below the test's subtree (for bindings).
-    fn cgroup(&self, name: &str) -> PathBuf {
-        let path = self.cgroups.join(name);
-        fs::create_dir_all(&path).unwrap();
-        path
-    }
-
-    /// A command that moves itself into `cgroup` and then runs `args`.
-    fn in_cgroup(&self, sandbox: &Sandbox, cgroup: &Path, args: &[String]) -> Command {
-        let mut command = Command::new("unshare");
-        command
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg("mount --bind \"$0\" /etc/resolv.conf && echo $$ > \"$1\" && shift 2 && exec \"$@\"")
-            .arg(sandbox.path("resolv.conf"))
-            .arg(cgroup.join("cgroup.procs"))
-            .arg("--")
-            .args(args);
-        command
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
-        let uninstall = self
-            .admin(&["daemon", "--uninstall", "--config"])
-            .arg(&self.config)
-            .output();
-        let _ = remove_cgroup_tree(&self.cgroups);
-        if !std::thread::panicking() {
-            let uninstall = uninstall.expect("guard daemon --uninstall");
-            assert!(uninstall.status.success(), "{uninstall:?}");
-            assert!(
-                !self.pin_root.exists(),
-                "uninstall left {}",
-                self.pin_root.display()
-            );
-        }
-    }
-}
-
-fn rand_nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
-const FRONTEND: (&str, &str) = (
-    "frontend.yaml",
-    "name: frontend\ndeny:\n  - \"*.frontend.test\"\nallow:\n  - status.frontend.test\n",
-);
-
-fn query(name: &str) -> Vec<String> {
-    vec![
-        dns_query(),
-        "--timeout".into(),
-        "2".into(),
-        "127.0.0.1:53".into(),
-        name.into(),
-    ]
-}
+use guard_daemon::kernel::KernelMaps as _;
 
 /// A run through the daemon reports exactly what a standalone run reports.
 #[test]
@@ -327,25 +112,7 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
         q = dns_query()
     );
     let report_path = sandbox.path("report.json");
-    let run = daemon
-        .guard(
-            &sandbox,
-            &[
-                "run",
-                "--deny",
-                "*.frontend.test",
-                "--report",
-                report_path.to_str().unwrap(),
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = daemon.start_script(&sandbox, &report_path, &script, &[]);
     assert!(eventually(Duration::from_secs(10), || {
         daemon.status()["bindings"]
             .as_array()
@@ -400,8 +167,7 @@ fn enforcement_survives_kill_9_and_a_restart_resumes_reporting() {
         daemon.status()
     );
     fs::write(step(2), "").unwrap();
-    let output = run.wait_with_output().unwrap();
-    let run = Run::from(output);
+    let run = run.wait();
     assert_eq!(run.code, 77, "{run:?}\n{}", daemon.log());
     assert!(run.stdout.contains("during=1"), "{run:?}");
     assert!(run.stdout.contains("after=1"), "{run:?}");
@@ -728,7 +494,7 @@ fn fifty_concurrent_runs_do_not_see_each_others_policies() {
 fn a_thousand_short_runs_leave_nothing_behind() {
     let _sandbox = Sandbox::new();
     let (daemon, _agent) = TestDaemon::with_agent();
-    let count = |pinned: &Pinned| {
+    let count = |pinned: &guard_daemon::kernel::Pinned| {
         (
             pinned.bindings().unwrap().len(),
             pinned.rule_count().unwrap(),
@@ -1045,14 +811,7 @@ fn a_new_generation_replaces_the_old_without_a_gap() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    daemon.kill9();
-    let config = fs::read_to_string(&daemon.config).unwrap();
-    fs::write(
-        &daemon.config,
-        format!("ring_buffer_size: 1048576\n{config}"),
-    )
-    .unwrap();
-    daemon.spawn();
+    daemon.restart_as_new_generation();
     std::thread::sleep(Duration::from_millis(300));
     fs::write(&stop, "").unwrap();
     let output = client.wait_with_output().unwrap();

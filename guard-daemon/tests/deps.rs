@@ -104,7 +104,8 @@ impl Deploys {
             &["--service", "frontend", "--deps-db", &direct_db],
         );
         assert_eq!(code, 0);
-        // A store that cannot be written fails the run, as any output does.
+        // A store that cannot be written fails the run (74: the command
+        // ran), as any output does.
         let (code, _) = deploy(
             &sandbox,
             "unstored-record.json",
@@ -116,7 +117,7 @@ impl Deploys {
                 "/proc/no-such-dir/deps.db",
             ],
         );
-        assert_eq!(code, 125);
+        assert_eq!(code, 74);
         let (code, cache) = deploy(&sandbox, "cache-record.json", &["primary.db.internal"], &[]);
         assert_eq!(code, 0);
         // batch's deploy is refused db.internal, and the answer for

@@ -7,9 +7,9 @@ use std::{
     path::Path,
 };
 
-/// Modules every layer may use: errors, and reading input files
-/// (`input.rs`, which uses nothing of the crate).
-const BASE: &[&str] = &["error", "input"];
+/// Modules every layer may use: errors, reading input files (`input.rs`,
+/// which uses nothing of the crate), and the test-only `fault`.
+const BASE: &[&str] = &["error", "input", "fault"];
 
 /// Layer -> the layers it may use (besides itself and [`BASE`]).
 const ALLOWED: &[(&str, &[&str])] = &[

@@ -478,8 +478,8 @@ fn cases_in(c: &mut Container, deb: &Path, cases: &mut Cases) -> Result<()> {
             .filter(|name| !["maps.debug", "progs.debug"].contains(name))
             .collect();
         ensure!(pinned.is_empty(), "still pinned: {pinned:?}");
-        // The run's command was ended (its `guard run` then gives up waiting
-        // for the daemon, 30 s later) and its cgroup is gone.
+        // The run's command was ended (its `guard run` sees the pins gone
+        // and exits 75, the guard removed) and its cgroup is gone.
         wait_until("the run's command to end", 10, || {
             Ok(c.sh("pgrep -fx 'sleep 601'", 10)?.status.code() == Some(1))
         })?;
@@ -490,7 +490,7 @@ fn cases_in(c: &mut Container, deb: &Path, cases: &mut Cases) -> Result<()> {
         c.sh_ok("test ! -e /usr/bin/guard && test ! -e /etc/guard/daemon.yaml \
                  && test -f /etc/guard/policies/frontend-during-db-deploy.yaml", 10)?;
         expect_eq(&c.sh_ok("systemctl show -P LoadState guard.service", 10)?, "not-found")?;
-        // Its `guard run` would wait 30 s for a daemon to come back.
+        // Should its `guard run` still be there, it goes.
         c.sh_ok("systemctl kill --signal=SIGKILL run-in-progress", 10)?;
         // And the bound unit, no longer guarded, now resolves the frontend.
         wait_until("the frontend to resolve once guard is purged", 20, || {

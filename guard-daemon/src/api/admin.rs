@@ -1,19 +1,19 @@
 //! The daemon's admin commands, from the client's side: `guard status`,
 //! `guard reload`, `guard events` and `guard ensure-guarded`. Each sends one
 //! request and exits 0 on success, 1 on any error.
-use std::{os::unix::net::UnixStream as StdUnixStream, path::Path};
+use std::{os::unix::net::UnixStream as StdUnixStream, path::Path, time::Duration};
 
-use super::{
-    self as api,
-    client::{unreachable_daemon, HANDSHAKE_TIMEOUT},
-    Frame, Reply, Request, Status,
-};
+use super::{self as api, client::unreachable_daemon, Frame, Reply, Request, Status};
 use crate::error::Result;
+
+/// How long an admin command waits for its reply: a reload reads and
+/// compiles every policy first; a daemon that takes longer is hung.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One request, one reply (status, reload).
 fn ask(socket: &Path, request: &Request) -> Result<Reply> {
     let mut stream = StdUnixStream::connect(socket).map_err(|e| unreachable_daemon(socket, e))?;
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
     // A refusal may arrive before the request is fully written: read the
     // reply even when the write failed.
     let written = api::write_frame_blocking(&mut stream, &Frame::json(request));

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use guard_common::maps::Counter;
+
 use crate::{
+    error::Result,
+    kernel::{evidence::EvidenceMaps as _, KernelMaps},
     policy::Mode,
     report::{Counters, ProgramStats},
 };
@@ -214,6 +218,11 @@ pub enum Reply {
     RunStarted {
         cgroup: PathBuf,
         policy_id: u32,
+        /// The pinned generation guarding the run: the client reads its
+        /// counters there if the daemon goes away, and notices there when
+        /// the guard is removed.
+        #[serde(default)]
+        pin_dir: Option<PathBuf>,
     },
     RunFinished(Box<RunTotals>),
     /// One event, for `guard events`.
@@ -245,6 +254,38 @@ pub struct RunTotals {
     /// `active`, or why the resolver-socket hooks are missing.
     #[serde(default)]
     pub resolver_socket_hooks: String,
+}
+
+impl RunTotals {
+    /// A run's totals as the kernel counted them under its policy id, from
+    /// whoever holds the maps (the daemon, or a client whose daemon went
+    /// away). Fails when the policy has no counters (any more). The fields
+    /// only the daemon knows (program statistics, detaches, the
+    /// resolver-socket hooks) are left for the caller.
+    pub fn from_kernel(
+        maps: &impl KernelMaps,
+        policy_id: u32,
+        with_seen: bool,
+    ) -> Result<RunTotals> {
+        let counters = maps.policy_counters(policy_id)?;
+        let seen = if with_seen {
+            maps.seen_counts(policy_id)
+                .into_iter()
+                .map(|((hash, qtype), count)| (hash, qtype, count))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(RunTotals {
+            counters: Counters::from_kernel(&counters),
+            events_lost: counters.values[Counter::EventsLost as usize],
+            seen,
+            program_stats: None,
+            evidence: maps.evidence_counts(policy_id).to_vec(),
+            detached: Vec::new(),
+            resolver_socket_hooks: String::new(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

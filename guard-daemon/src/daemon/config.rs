@@ -140,8 +140,24 @@ impl Config {
         }
     }
 
+    /// Where the socket, the pins and the runs cgroup are, for `guard
+    /// daemon --uninstall`: the file's settings without its bindings, and
+    /// no policy read, so that no policy (broken, or a FIFO that blocks)
+    /// can keep guard from being removed. Defaults without a file.
+    pub fn load_locations(path: &Path) -> Result<Config, PolicyError> {
+        let text = match fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "{}".to_owned(),
+            _ => input::read_text(path)?,
+        };
+        Config::parse_with(path, &text, false)
+    }
+
     fn parse(path: &Path, text: &str) -> Result<Config, PolicyError> {
-        let file: ConfigFile = yaml::from_str(text, path)?;
+        Config::parse_with(path, text, true)
+    }
+
+    fn parse_with(path: &Path, text: &str, read_policies: bool) -> Result<Config, PolicyError> {
+        let mut file: ConfigFile = yaml::from_str(text, path)?;
         let invalid = |needle: &str, message: String| PolicyError::Invalid {
             path: path.to_owned(),
             line: line_of(text, needle),
@@ -153,9 +169,12 @@ impl Config {
                 .clone()
                 .map_or_else(|| PathBuf::from("policies"), PathBuf::from),
         );
+        if !read_policies {
+            file.bindings.clear();
+        }
         // Policies serve bindings only: without either there is nothing to load.
         let mut skipped_policy_files = Vec::new();
-        let policies = if file.bindings.is_empty() && !policies_dir.exists() {
+        let policies = if !read_policies || (file.bindings.is_empty() && !policies_dir.exists()) {
             BTreeMap::new()
         } else {
             load_policy_dir(&policies_dir, &mut skipped_policy_files)?
@@ -409,6 +428,22 @@ mod tests {
         );
         let path = write(dir.path(), "daemon.yaml", config);
         (dir, path)
+    }
+
+    #[test]
+    fn uninstall_reads_the_locations_and_no_policy() {
+        let (dir, path) = setup(
+            "socket: /run/x/guard.sock\npin_dir: /sys/fs/bpf/x\nruns_cgroup: /x/runs\nbindings:\n  - unit: deploy-agent.service\n    policies: [nope]\n",
+        );
+        write(&dir.path().join("policies"), "broken.yaml", "name: [");
+        assert!(Config::load(&path).is_err());
+        let config = Config::load_locations(&path).unwrap();
+        assert_eq!(config.socket, Path::new("/run/x/guard.sock"));
+        assert_eq!(config.pin_dir, Path::new("/sys/fs/bpf/x"));
+        assert_eq!(config.runs_cgroup.as_deref(), Some(Path::new("/x/runs")));
+        assert!(config.bindings.is_empty());
+        let defaults = Config::load_locations(&dir.path().join("absent.yaml")).unwrap();
+        assert_eq!(defaults.pin_dir, Path::new(DEFAULT_PIN_DIR));
     }
 
     #[test]

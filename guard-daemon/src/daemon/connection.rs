@@ -39,6 +39,19 @@ pub(super) fn bind_socket(path: &Path) -> Result<UnixListener> {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(Error::io(format!("securing {}", dir.display())))?;
     }
+    // A stale socket of a daemon that died is replaced; anything else on
+    // the path is someone else's file, and not removed.
+    if let Ok(metadata) = fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !metadata.file_type().is_socket() {
+            return Err(Error::io(format!(
+                "{} exists and is not a socket; remove it, or set `socket` in the configuration",
+                path.display()
+            ))(std::io::Error::from_raw_os_error(
+                libc::EEXIST,
+            )));
+        }
+    }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(Error::io(format!(
             "another daemon answers on {}",
@@ -184,6 +197,7 @@ async fn run_session(
     tx: mpsc::Sender<Msg>,
     token: u64,
 ) {
+    let new_run = matches!(start, Msg::Run { .. });
     if tx.send(start).await.is_err() {
         return;
     }
@@ -202,6 +216,11 @@ async fn run_session(
         let _ = tx.send(Msg::Detached { policy_id, token }).await;
         return;
     }
+    crate::fault::point(if new_run {
+        "run-replied"
+    } else {
+        "run-resumed"
+    });
     // Requests are read by a task of their own: reading a frame is not
     // cancel-safe, and in the select below a record to forward would cut a
     // half-read `finish` off and desynchronise the stream.

@@ -100,7 +100,7 @@ pub fn main(options: DaemonOptions) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match start(config).await {
             Ok((daemon, ring, listener)) => serve(daemon, ring, listener).await,
             Err(e) => {
@@ -109,7 +109,11 @@ pub fn main(options: DaemonOptions) -> i32 {
                 1
             }
         }
-    })
+    });
+    // A reload stuck reading a file (a FIFO) must not keep the daemon from
+    // stopping: dropping the runtime would wait for it.
+    runtime.shutdown_background();
+    code
 }
 
 enum Msg {
@@ -130,8 +134,9 @@ enum Msg {
     Finish {
         policy_id: u32,
     },
-    /// A run's cgroup is gone (sent by the blocking task that removed it).
-    Removed {
+    /// Nothing runs in a run's cgroup any more (sent by the blocking task
+    /// that killed what was left).
+    Emptied {
         policy_id: u32,
     },
     Detached {
@@ -143,6 +148,13 @@ enum Msg {
     },
     Reload {
         reply: oneshot::Sender<Reply>,
+    },
+    /// A configuration read off the daemon's task for a reload (reading
+    /// files may block: a FIFO, a slow mount), to be swapped in.
+    Loaded {
+        sequence: u64,
+        config: Box<std::result::Result<Config, String>>,
+        reply: Option<oneshot::Sender<Reply>>,
     },
     Subscribe {
         follow: bool,
@@ -172,11 +184,17 @@ struct Daemon {
     started: Instant,
     /// The daemon's own queue, for work it hands to blocking tasks.
     tx: Option<mpsc::Sender<Msg>>,
+    /// Reloads asked for, and the latest one swapped in: a reload whose
+    /// reading finishes after a later one's is not applied.
+    reloads_asked: u64,
+    reload_applied: u64,
+    /// Held for the daemon's life: no second daemon works with these pins.
+    _pin_lock: crate::kernel::pinned::PinLock,
 }
 
 async fn start(mut config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>, UnixListener)> {
     let (tree, runs_dir) = CgroupTree::open(&config)?;
-    let (mut kernel, generation) = generation::open(&config)?;
+    let (mut kernel, generation, pin_lock) = generation::open(&config)?;
     let ring = kernel.take_events()?;
     kernel.attach_cgroup(&runs_dir, tree.runs_root_id)?;
     {
@@ -214,9 +232,12 @@ async fn start(mut config: Config) -> Result<(Daemon, AsyncFd<RingBuf<MapData>>,
         attachments: std::collections::HashMap::new(),
         started: Instant::now(),
         tx: None,
+        reloads_asked: 0,
+        reload_applied: 0,
+        _pin_lock: pin_lock,
     };
     daemon.collect_garbage()?;
-    generation::remove_older(&daemon.kernel, &daemon.config.pin_dir);
+    generation::remove_older(&daemon.kernel, &daemon.config.pin_dir, &daemon.tree);
 
     let listener = connection::bind_socket(&daemon.config.socket)?;
     // SAFETY: the ring buffer owns its descriptor for as long as AsyncFd
@@ -270,9 +291,7 @@ async fn serve(
                 }
             },
             Some(msg) = rx.recv() => daemon.handle(msg, ring.get_mut()),
-            _ = hangup.recv() => {
-                let _ = daemon.reload();
-            }
+            _ = hangup.recv() => daemon.start_reload(None),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = tick.tick() => daemon.housekeeping(ring.get_mut()),
@@ -300,7 +319,11 @@ impl Daemon {
                 reply,
             } => {
                 let answer = match self.start_run(request, client_pid, token, sink) {
-                    Ok((cgroup, policy_id)) => Reply::RunStarted { cgroup, policy_id },
+                    Ok((cgroup, policy_id)) => Reply::RunStarted {
+                        cgroup,
+                        policy_id,
+                        pin_dir: Some(self.kernel.dir().to_owned()),
+                    },
                     Err(RunRefusal::Incompatible(message)) => Reply::Incompatible { message },
                     Err(RunRefusal::Error(message)) => Reply::Error { message },
                 };
@@ -313,13 +336,17 @@ impl Daemon {
                 sink,
                 reply,
             } => {
-                let answer = self
-                    .runs
-                    .resume(&cgroup, &run, (token, sink), &mut self.policies);
+                let answer = self.runs.resume(
+                    &cgroup,
+                    &run,
+                    (token, sink),
+                    &mut self.policies,
+                    self.kernel.dir(),
+                );
                 let _ = reply.send(answer);
             }
             Msg::Finish { policy_id } => self.end_run(policy_id, ring, true),
-            Msg::Removed { policy_id } => self.complete_run(policy_id, ring),
+            Msg::Emptied { policy_id } => self.complete_run(policy_id, ring),
             Msg::Detached { policy_id, token } => {
                 if self.runs.is_current_connection(policy_id, token) {
                     tracing::warn!(policy_id, "a guard run client went away; ending its run");
@@ -329,12 +356,19 @@ impl Daemon {
             Msg::Status { reply } => {
                 let _ = reply.send(Reply::Status(Box::new(self.status())));
             }
-            Msg::Reload { reply } => {
-                let answer = match self.reload() {
+            Msg::Reload { reply } => self.start_reload(Some(reply)),
+            Msg::Loaded {
+                sequence,
+                config,
+                reply,
+            } => {
+                let answer = match self.finish_reload(sequence, *config) {
                     Ok(message) => Reply::Reloaded { message },
                     Err(message) => Reply::Error { message },
                 };
-                let _ = reply.send(answer);
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
             }
             Msg::Subscribe { follow, sink } => self.records.subscribe(follow, sink),
             Msg::Metrics { reply } => {
@@ -375,38 +409,60 @@ impl Daemon {
         )
     }
 
-    /// Ends a run: its cgroup is killed and removed off the daemon's task
-    /// (processes slow to die must not hold up every other run's events),
-    /// then [`Daemon::complete_run`] follows.
+    /// Ends a run: what is left in its cgroup is killed off the daemon's
+    /// task (processes slow to die must not hold up every other run's
+    /// events), then [`Daemon::complete_run`] follows.
+    ///
+    /// The cgroup itself goes last, once binding, rules and counters are
+    /// gone: a daemon killed at any step in between leaves the cgroup for
+    /// its successor to find, adopt and finish (or remove) with its client.
     fn end_run(&mut self, policy_id: u32, ring: &mut RingBuf<MapData>, send_totals: bool) {
         let Some(cgroup) = self.runs.begin_end(policy_id, send_totals) else {
             return;
         };
+        crate::fault::point("run-ending");
+        let empty = move || {
+            if let Err(e) = crate::kernel::cgroup::kill_processes(&cgroup) {
+                tracing::error!(error = %e, "killing what is left of a run");
+            }
+        };
         match self.tx.clone() {
             Some(tx) => {
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = crate::kernel::cgroup::remove_cgroup_tree(&cgroup) {
-                        tracing::error!(error = %e, "removing a run's cgroup");
-                    }
-                    let _ = tx.blocking_send(Msg::Removed { policy_id });
+                    empty();
+                    let _ = tx.blocking_send(Msg::Emptied { policy_id });
                 });
             }
             None => {
-                if let Err(e) = crate::kernel::cgroup::remove_cgroup_tree(&cgroup) {
-                    tracing::error!(error = %e, "removing a run's cgroup");
-                }
+                empty();
                 self.complete_run(policy_id, ring);
             }
         }
     }
 
     fn complete_run(&mut self, policy_id: u32, ring: &mut RingBuf<MapData>) {
+        crate::fault::point("run-emptied");
         // Everything the run's processes did is in the ring now.
         self.drain(ring);
         // A detach is permanent: this sees any since the last look.
         self.check_attachments();
-        self.runs
-            .complete(policy_id, &mut self.kernel, &mut self.policies);
+        if let Some(cgroup) = self
+            .runs
+            .complete(policy_id, &mut self.kernel, &mut self.policies)
+        {
+            crate::fault::point("run-retired");
+            let remove = move || {
+                if let Err(e) = crate::kernel::cgroup::remove_cgroup_tree(&cgroup) {
+                    tracing::error!(error = %e, "removing a run's cgroup");
+                }
+            };
+            // Off the daemon's task too: a process that would not die holds
+            // the removal up, and nothing else.
+            match self.tx {
+                Some(_) => drop(tokio::task::spawn_blocking(remove)),
+                None => remove(),
+            }
+        }
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
@@ -507,6 +563,7 @@ impl Daemon {
             .bindings
             .cgroup_ids()
             .chain(self.runs.cgroup_ids())
+            .chain(self.runs.outer_roots(&self.tree.runs_root))
             .collect();
         generation::collect_garbage(&mut self.kernel, &live, &guarded, self.tree.runs_root_id)
     }
@@ -535,21 +592,64 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the configuration and policies and swaps them in. A config
-    /// that does not validate changes nothing. Tells systemd, and logs.
-    fn reload(&mut self) -> Result<String, String> {
+    /// Starts a reload: the configuration and policies are read on a
+    /// blocking task, so a file that blocks (a FIFO named `*.yaml`, a hung
+    /// mount) holds up the reload only, never status, runs or records;
+    /// [`Daemon::finish_reload`] swaps the result in.
+    fn start_reload(&mut self, reply: Option<oneshot::Sender<Reply>>) {
         notify(&[sd_notify::NotifyState::Reloading]);
-        let result = self.swap_configuration();
+        self.reloads_asked += 1;
+        let sequence = self.reloads_asked;
+        let path = self.config.path.clone();
+        let load = move || Box::new(Config::load(&path).map_err(|e| e.to_string()));
+        match self.tx.clone() {
+            Some(tx) => {
+                tokio::task::spawn_blocking(move || {
+                    let config = load();
+                    let _ = tx.blocking_send(Msg::Loaded {
+                        sequence,
+                        config,
+                        reply,
+                    });
+                });
+            }
+            None => {
+                let answer = match self.finish_reload(sequence, *load()) {
+                    Ok(message) => Reply::Reloaded { message },
+                    Err(message) => Reply::Error { message },
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+    }
+
+    /// Swaps a configuration read for a reload in. One that does not
+    /// validate changes nothing, nor does one overtaken by a later reload.
+    /// Tells systemd, and logs.
+    fn finish_reload(
+        &mut self,
+        sequence: u64,
+        config: std::result::Result<Config, String>,
+    ) -> Result<String, String> {
+        let result = if sequence < self.reload_applied {
+            Err("a later reload was applied first; this one changed nothing".to_owned())
+        } else {
+            self.reload_applied = sequence;
+            config.and_then(|config| self.swap_configuration(config))
+        };
         match &result {
             Ok(message) => tracing::info!("{message}"),
             Err(message) => tracing::error!("reload refused: {message}"),
         }
-        notify(&[sd_notify::NotifyState::Ready]);
+        if sequence == self.reloads_asked {
+            notify(&[sd_notify::NotifyState::Ready]);
+        }
         result
     }
 
-    fn swap_configuration(&mut self) -> Result<String, String> {
-        let config = Config::load(&self.config.path).map_err(|e| e.to_string())?;
+    fn swap_configuration(&mut self, config: Config) -> Result<String, String> {
         config.warn_about_skipped_files();
         let mut notes = String::new();
         if config.restart_only_settings() != self.config.restart_only_settings() {

@@ -8,7 +8,7 @@
 //! rules and counters are removed. After a restart, runs found in the runs
 //! cgroup wait for their client to resume.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fs,
     hash::BuildHasher as _,
     os::unix::fs::MetadataExt as _,
@@ -17,10 +17,7 @@ use std::{
     time::Instant,
 };
 
-use guard_common::{
-    evidence::EvidenceSettings,
-    maps::{Binding, Counter},
-};
+use guard_common::{evidence::EvidenceSettings, maps::Binding};
 use tokio::sync::mpsc;
 
 use super::{
@@ -36,7 +33,7 @@ use crate::{
         KernelMaps as _, Pinned,
     },
     policy::{compile, Mode, Policy, RuleSet},
-    report::{Counters, ProgramStats},
+    report::ProgramStats,
 };
 
 /// Records buffered for a run whose client is away (daemon restarted and
@@ -103,8 +100,9 @@ pub(super) struct Runs {
 }
 
 impl Runs {
-    /// Runs found in the runs cgroup after a restart: kept, waiting for
-    /// their client to resume, if the client lives; removed otherwise.
+    /// Runs found after a restart, in the runs cgroup or wherever the
+    /// bindings map says they are (an earlier `runs_cgroup`): kept, waiting
+    /// for their client to resume, if the client lives; removed otherwise.
     pub fn adopt(
         &mut self,
         bound: &[(u64, Binding)],
@@ -112,15 +110,24 @@ impl Runs {
         policies: &mut PolicyIds,
         tree: &CgroupTree,
     ) {
-        let Ok(entries) = fs::read_dir(&tree.runs_root) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
+        let mut found: Vec<PathBuf> = fs::read_dir(&tree.runs_root)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let here: HashSet<u64> = found
+            .iter()
+            .filter_map(|path| fs::metadata(path).ok().map(|m| m.ino()))
+            .collect();
+        let elsewhere: HashSet<u64> = bound
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !here.contains(id))
+            .collect();
+        found.extend(kernel::cgroup::find_by_ids(&tree.hierarchy.mount, &elsewhere).into_values());
+        for path in found {
             let Some(pid) = run_owner(&path) else {
                 continue;
             };
-            let Ok(metadata) = entry.metadata() else {
+            let Ok(metadata) = fs::metadata(&path) else {
                 continue;
             };
             let id = metadata.ino();
@@ -220,6 +227,7 @@ impl Runs {
             std::collections::hash_map::RandomState::new().hash_one((client_pid, Instant::now()));
         let path = tree.runs_root.join(run_cgroup_name(client_pid, nonce));
         let cgroup = RunCgroup::create(&path)?;
+        crate::fault::point("run-cgroup-created");
         let rules = Arc::new(rules);
         let info = PolicyInfo {
             kind: "run",
@@ -239,6 +247,7 @@ impl Runs {
                 return Err(e.into());
             }
         };
+        crate::fault::point("run-rules-written");
         // As a standalone run decides it (see run::evidence_enforced).
         let enforce = !request.audit
             && (rules.rules().is_empty() || rules.rules().iter().any(|r| r.mode == Mode::Enforce));
@@ -283,6 +292,7 @@ impl Runs {
             },
         );
         tracing::debug!(cgroup = %path.display(), policy_id, client = client_pid, "run started");
+        crate::fault::point("run-bound");
         Ok((path, policy_id))
     }
 
@@ -293,6 +303,7 @@ impl Runs {
         run: &RunRequest,
         sink: (u64, mpsc::Sender<Frame>),
         policies: &mut PolicyIds,
+        pin_dir: &Path,
     ) -> Reply {
         let Some((policy_id, session)) = self.sessions.iter_mut().find(|(_, s)| s.cgroup == cgroup)
         else {
@@ -321,6 +332,7 @@ impl Runs {
         Reply::RunStarted {
             cgroup: cgroup.to_owned(),
             policy_id: *policy_id,
+            pin_dir: Some(pin_dir.to_owned()),
         }
     }
 
@@ -336,46 +348,38 @@ impl Runs {
         Some(session.cgroup.clone())
     }
 
-    /// The rest of ending a run, once its cgroup is gone and the ring
+    /// The rest of ending a run, once its cgroup is empty and the ring
     /// drained: totals to the client, binding, rules and counters removed.
-    pub fn complete(&mut self, policy_id: u32, kernel: &mut Pinned, policies: &mut PolicyIds) {
-        let Some(session) = self.sessions.remove(&policy_id) else {
-            return;
-        };
+    /// Returns the cgroup, for the caller to remove last.
+    pub fn complete(
+        &mut self,
+        policy_id: u32,
+        kernel: &mut Pinned,
+        policies: &mut PolicyIds,
+    ) -> Option<PathBuf> {
+        let session = self.sessions.remove(&policy_id)?;
         if let (true, Some((_, sink))) = (session.send_totals, &session.sink) {
-            let counters = kernel.policy_counters(policy_id).unwrap_or_default();
             let rules_known = policies
                 .get(policy_id)
                 .is_some_and(|info| info.rules.is_some());
-            let seen = if rules_known {
-                kernel
-                    .seen_counts(policy_id)
-                    .into_iter()
-                    .map(|((hash, qtype), count)| (hash, qtype, count))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let program_stats = match (session.stats_at_start, kernel.egress_stats()) {
+            let mut totals =
+                RunTotals::from_kernel(kernel, policy_id, rules_known).unwrap_or_else(|e| {
+                    tracing::error!(policy_id, error = %e, "reading a finished run's counters");
+                    RunTotals::default()
+                });
+            totals.events_lost += session.dropped;
+            totals.program_stats = match (session.stats_at_start, kernel.egress_stats()) {
                 (Some((runs0, ns0)), Some((runs1, ns1))) => Some(ProgramStats::new(
                     runs1.saturating_sub(runs0),
                     ns1.saturating_sub(ns0),
                 )),
                 _ => None,
             };
-            let totals = RunTotals {
-                counters: Counters::from_kernel(&counters),
-                events_lost: counters.values[Counter::EventsLost as usize] + session.dropped,
-                seen,
-                program_stats,
-                evidence: kernel.evidence_counts(policy_id).to_vec(),
-                detached: session.detached.clone(),
-                resolver_socket_hooks: if kernel.has_unix_hooks() {
-                    "active".into()
-                } else {
-                    "unavailable: the daemon's programs have no Unix-socket hooks (Linux 6.7+)"
-                        .into()
-                },
+            totals.detached = session.detached.clone();
+            totals.resolver_socket_hooks = if kernel.has_unix_hooks() {
+                "active".into()
+            } else {
+                "unavailable: the daemon's programs have no Unix-socket hooks (Linux 6.7+)".into()
             };
             // Sent with `send` semantics on a full queue would block the
             // daemon; the totals get a slot of their own instead.
@@ -385,11 +389,14 @@ impl Runs {
                     .send(Frame::json(&Reply::RunFinished(Box::new(totals))))
                     .await;
             });
+            crate::fault::point("run-totals-queued");
         }
         let _ = kernel.unbind(session.cgroup_id);
+        crate::fault::point("run-unbound");
         kernel.forget_seen(policy_id);
         policies.retire(kernel, policy_id);
         tracing::debug!(cgroup = %session.cgroup.display(), policy_id, "run finished");
+        Some(session.cgroup)
     }
 
     /// Whether a client's connection going away should end its run: only
@@ -468,6 +475,17 @@ impl Runs {
 
     pub fn cgroup_ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.sessions.values().map(|s| s.cgroup_id)
+    }
+
+    /// The cgroups runs outside the runs cgroup live in (an earlier
+    /// `runs_cgroup`): their programs stay attached there while they do.
+    pub fn outer_roots(&self, runs_root: &Path) -> Vec<u64> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.cgroup.parent())
+            .filter(|parent| *parent != runs_root)
+            .filter_map(|parent| fs::metadata(parent).ok().map(|m| m.ino()))
+            .collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! cgroup v2 management: finding (or mounting) the hierarchy, creating a
 //! run's cgroup, and removing it with everything still in it.
 use std::{
+    collections::{HashMap, HashSet},
     fs::{self, File, OpenOptions},
     io::{self, Read as _, Write as _},
     os::unix::fs::MetadataExt as _,
@@ -220,6 +221,68 @@ pub fn remove_cgroup_tree(path: &Path) -> Result<()> {
     }
 }
 
+/// Kills every process in `path` (and below) and waits until none is
+/// left, keeping the directories: what the processes did is counted by
+/// then, and whoever owns the cgroup removes it.
+pub fn kill_processes(path: &Path) -> Result<()> {
+    let killed = OpenOptions::new()
+        .write(true)
+        .open(path.join("cgroup.kill"))
+        .and_then(|mut kill| kill.write_all(b"1"));
+    if killed.is_err() {
+        kill_listed_processes(path);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::read_to_string(path.join("cgroup.events")) {
+            Ok(events) if events.lines().any(|l| l == "populated 0") => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(Error::Cgroup {
+                    action: "reading cgroup.events of",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+            Ok(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            Ok(_) => {
+                return Err(Error::Cgroup {
+                    action: "emptying",
+                    path: path.to_owned(),
+                    source: io::Error::from_raw_os_error(libc::EBUSY),
+                })
+            }
+        }
+    }
+}
+
+/// The cgroups among `ids` (cgroup ids: their directories' inode numbers),
+/// wherever they are below `mount`.
+pub fn find_by_ids(mount: &Path, ids: &HashSet<u64>) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
+    let mut queue = vec![mount.to_path_buf()];
+    while let Some(dir) = queue.pop() {
+        if found.len() == ids.len() {
+            break;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Ok(metadata) = entry.metadata() {
+                if ids.contains(&metadata.ino()) {
+                    found.insert(metadata.ino(), entry.path());
+                }
+            }
+            queue.push(entry.path());
+        }
+    }
+    found
+}
+
 fn kill_listed_processes(path: &Path) {
     let mut text = String::new();
     if File::open(path.join("cgroup.procs"))
@@ -301,6 +364,24 @@ fn pid_alive(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_directories_by_inode_at_any_depth() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a/b/guard-run-1-0");
+        let shallow = root.path().join("c");
+        fs::create_dir_all(&deep).unwrap();
+        fs::create_dir_all(&shallow).unwrap();
+        fs::write(root.path().join("a/file"), "").unwrap();
+        let id = |path: &Path| fs::metadata(path).unwrap().ino();
+        let wanted = HashSet::from([id(&deep), id(&shallow), u64::MAX]);
+        let found = find_by_ids(root.path(), &wanted);
+        assert_eq!(
+            found,
+            HashMap::from([(id(&deep), deep.clone()), (id(&shallow), shallow)])
+        );
+        assert!(find_by_ids(root.path(), &HashSet::new()).is_empty());
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {

@@ -1,6 +1,7 @@
 //! The daemon's copy of the object, pinned under bpffs so that enforcement
 //! outlives the daemon process; generations of it, and their removal.
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -50,7 +51,7 @@ const CGROUP_LINK_PREFIX: &str = "link_cgroup_";
 /// version, replaced once the new one is in place.
 pub struct Pinned {
     dir: PathBuf,
-    maps: std::collections::HashMap<&'static str, Map>,
+    maps: HashMap<&'static str, Map>,
     /// The cgroup programs, in [`CgroupHook::ALL`] order.
     hooks: Vec<(CgroupHook, Program)>,
     /// None when the generation was loaded on a kernel without them.
@@ -93,16 +94,7 @@ impl Pinned {
     }
 
     pub fn open(dir: &Path) -> Result<Pinned> {
-        let mut maps = std::collections::HashMap::new();
-        for name in PINNED_MAPS {
-            let path = dir.join(format!("map_{name}"));
-            let data = MapData::from_pin(&path).map_err(|e| Error::OpenPin {
-                message: with_causes(&e),
-                path,
-            })?;
-            let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
-            maps.insert(name, map);
-        }
+        let maps = open_maps(dir, &PINNED_MAPS)?;
         let mut hooks = Vec::new();
         for hook in CgroupHook::ALL {
             let name = hook.program();
@@ -246,24 +238,7 @@ impl Pinned {
 
     /// Ids of the cgroups with a pinned link.
     pub fn attached_cgroups(&self) -> Vec<u64> {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut ids: Vec<u64> = entries
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix(CGROUP_LINK_PREFIX)?
-                    .split('_')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+        attached_cgroups_in(&self.dir)
     }
 
     fn egress(&self) -> Option<&CgroupSkb> {
@@ -283,6 +258,105 @@ impl Pinned {
             .info()
             .ok()
             .and_then(|i| i.verified_instruction_count())
+    }
+}
+
+/// Opens pinned maps of a generation by name.
+fn open_maps(dir: &Path, names: &[&'static str]) -> Result<HashMap<&'static str, Map>> {
+    let mut maps = HashMap::new();
+    for &name in names {
+        let path = dir.join(format!("map_{name}"));
+        let data = MapData::from_pin(&path).map_err(|e| Error::OpenPin {
+            message: with_causes(&e),
+            path,
+        })?;
+        let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
+        maps.insert(name, map);
+    }
+    Ok(maps)
+}
+
+/// Ids of the cgroups with a pinned link in a generation's directory.
+pub fn attached_cgroups_in(dir: &Path) -> Vec<u64> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix(CGROUP_LINK_PREFIX)?
+                .split('_')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether a generation is still pinned (`guard daemon --uninstall` or a
+/// newer generation removes it).
+pub fn generation_pinned(dir: &Path) -> bool {
+    dir.join(format!("map_{EVENTS}")).exists()
+}
+
+/// Some of a generation's maps, opened from their pins by someone other
+/// than the daemon: a `guard run` reading its own counters (the maps live
+/// as long as a descriptor holds them, even once unpinned), or
+/// `guard daemon --uninstall` reading the bindings.
+pub struct PinnedMaps {
+    maps: HashMap<&'static str, Map>,
+}
+
+impl PinnedMaps {
+    /// What a run's totals are read from: its counters, evidence counts
+    /// and record-mode counts.
+    pub fn for_run_totals(dir: &Path) -> Result<PinnedMaps> {
+        Ok(PinnedMaps {
+            maps: open_maps(dir, &[POLICY_COUNTERS, EVIDENCE_COUNTERS, SEEN])?,
+        })
+    }
+
+    /// The bindings map: which cgroups the generation guards, and how.
+    pub fn for_bindings(dir: &Path) -> Result<PinnedMaps> {
+        Ok(PinnedMaps {
+            maps: open_maps(dir, &[BINDINGS])?,
+        })
+    }
+}
+
+impl KernelMaps for PinnedMaps {
+    fn map(&self, name: &'static str) -> Result<&Map> {
+        self.maps.get(name).ok_or(Error::Missing(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.maps.get_mut(name).ok_or(Error::Missing(name))
+    }
+}
+
+/// An exclusive lock on the pin directory, held for as long as this lives:
+/// one daemon at a time works with a set of pins (two would each garbage
+/// collect what the other guards), and `--uninstall` waits for none.
+pub struct PinLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl PinLock {
+    /// Takes the lock without waiting; an error names who may hold it.
+    pub fn take(root: &Path) -> Result<PinLock> {
+        let dir = fs::File::open(root).map_err(Error::io(format!("opening {}", root.display())))?;
+        match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(PinLock { _lock: lock }),
+            Err((_, errno)) => Err(Error::sys(format!(
+                "locking {} (another guard daemon works with these pins: stop it first)",
+                root.display()
+            ))(errno)),
+        }
     }
 }
 
@@ -362,4 +436,24 @@ pub fn ensure_bpffs(root: &Path) -> Result<()> {
         "{} is not on a bpf filesystem",
         root.display()
     ))(io::Error::from_raw_os_error(libc::EXDEV)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_lock_admits_one_holder_at_a_time() {
+        let root = tempfile::tempdir().unwrap();
+        let first = PinLock::take(root.path()).unwrap();
+        let refused = PinLock::take(root.path())
+            .err()
+            .expect("a second lock is refused");
+        assert!(
+            refused.to_string().contains("another guard daemon"),
+            "{refused}"
+        );
+        drop(first);
+        PinLock::take(root.path()).expect("free again once the holder is gone");
+    }
 }

@@ -316,6 +316,20 @@ pub struct Report {
     /// systemd-resolved) are not refused on this host.
     #[serde(default)]
     pub resolver_socket_hooks: String,
+    /// Set when the run did not end the ordinary way: the guard was removed
+    /// under it, or the daemon hosting it went away before reporting its
+    /// end (see the README's exit statuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<RunFault>,
+}
+
+/// How a run hosted by the daemon ended without the daemon.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct RunFault {
+    /// `guard-removed`, `daemon-gone` or `counters-unavailable`.
+    pub kind: String,
+    /// What happened, in a sentence.
+    pub detail: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Copy)]

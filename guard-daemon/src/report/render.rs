@@ -589,6 +589,7 @@ mod tests {
             evidence_lost: 0,
             hosts_entries: vec![],
             resolver_socket_hooks: "active".into(),
+            fault: None,
         }
     }
 

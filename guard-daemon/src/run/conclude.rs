@@ -8,7 +8,8 @@ use std::{
 };
 
 use super::{
-    exit_code_of, outputs::Kind, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_SETUP_FAILED,
+    exit_code_of, outputs::Kind, supervise::RunState, RunOptions, EXIT_BLOCKED,
+    EXIT_GUARD_REMOVED, EXIT_OUTPUT_FAILED, EXIT_VERDICT_UNKNOWN,
 };
 use crate::{
     api::RunTotals,
@@ -110,14 +111,19 @@ pub(super) fn conclude(
         evidence_lost,
         hosts_entries: std::mem::take(&mut state.hosts),
         resolver_socket_hooks,
+        fault: state.fault.take(),
     };
     let mut report = report;
     let failing_evidence = render::failing_evidence(&report);
-    let exit_code = if drops > 0 || (options.fail_on_block && reported > 0) || failing_evidence > 0
-    {
-        EXIT_BLOCKED
-    } else {
-        command_code
+    let blocked = drops > 0 || (options.fail_on_block && reported > 0) || failing_evidence > 0;
+    let exit_code = match report.fault.as_ref().map(|f| f.kind.as_str()) {
+        // The command was ended by the guard's removal: whatever it saw,
+        // the run is not whole.
+        Some("guard-removed") => EXIT_GUARD_REMOVED,
+        _ if blocked => EXIT_BLOCKED,
+        // Nothing known blocked, but nothing known either: never a pass.
+        Some("counters-unavailable") => EXIT_VERDICT_UNKNOWN,
+        _ => command_code,
     };
     report.exit_code = exit_code;
     let color = std::io::stderr().is_terminal()
@@ -136,6 +142,15 @@ pub(super) fn conclude(
             "guard: exit {EXIT_BLOCKED}: {} DNS lookup(s) {what} (the command itself exited with {command_code})",
             drops.max(reported)
         );
+    }
+    match exit_code {
+        EXIT_GUARD_REMOVED => eprintln!(
+            "guard: exit {EXIT_GUARD_REMOVED}: the guard was removed while the command ran, which ended it (it exited with {command_code}); above is what was seen until then"
+        ),
+        EXIT_VERDICT_UNKNOWN => eprintln!(
+            "guard: exit {EXIT_VERDICT_UNKNOWN}: the run's counters could not be read after the daemon went away; no blocked lookup is known, but none can be ruled out"
+        ),
+        _ => {}
     }
     if failing_evidence > 0 {
         eprintln!(
@@ -183,8 +198,11 @@ pub(super) fn conclude(
             stored = false;
         }
     }
-    if !written || !stored {
-        return EXIT_SETUP_FAILED;
+    // The command ran: 125 ("not run") would be wrong, and a failing
+    // verdict must not turn into another failure.
+    if (!written || !stored) && exit_code == command_code {
+        eprintln!("guard: exit {EXIT_OUTPUT_FAILED}: an output could not be written (the command itself exited with {command_code})");
+        return EXIT_OUTPUT_FAILED;
     }
     exit_code
 }

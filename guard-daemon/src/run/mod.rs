@@ -39,6 +39,17 @@ use supervise::{supervise, Backend};
 
 /// At least one lookup was blocked in enforce mode (the CI gate).
 pub const EXIT_BLOCKED: i32 = 77;
+/// The guard was removed while the command ran (`guard daemon
+/// --uninstall`, or a new generation that could not carry the run over):
+/// the command was ended; the report has what was seen until then.
+pub const EXIT_GUARD_REMOVED: i32 = 75;
+/// The daemon hosting the run went away for good and the run's counters
+/// could not be read: no lookup is known to have been blocked, but that
+/// cannot be established either.
+pub const EXIT_VERDICT_UNKNOWN: i32 = 76;
+/// The command ran and its verdict was a pass, but an output asked for
+/// (`--report`, `--junit`, ...) could not be written (a full disk, say).
+pub const EXIT_OUTPUT_FAILED: i32 = 74;
 /// guard could not set up enforcement (or its input was invalid); the
 /// command was not run.
 pub const EXIT_SETUP_FAILED: i32 = 125;
@@ -159,6 +170,9 @@ pub fn run(options: RunOptions) -> i32 {
                 if !options.quiet {
                     eprintln!("guard: note: {message}; running standalone");
                 }
+            }
+            Ok(client::Started::Unanswered(message)) => {
+                eprintln!("guard: warning: {message}; running standalone");
             }
             Err(e) => return setup_failed(&options, &e),
         }

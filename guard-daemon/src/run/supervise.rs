@@ -37,7 +37,7 @@ use crate::{
         chains::ProcessTable,
         evidence::{self as evidence_report, EvidenceEntry, EvidencePolicy},
         hosts::HostsEntry,
-        Clock, EventRecord,
+        Clock, EventRecord, RunFault,
     },
 };
 
@@ -62,7 +62,7 @@ fn open_directory(path: &std::path::Path) -> Result<std::fs::File> {
 /// Where the run's enforcement lives.
 pub(super) enum Backend {
     Standalone(Box<Standalone>),
-    Daemon(client::RunSession),
+    Daemon(Box<client::RunSession>),
 }
 
 /// Where the run's events come from while the command runs.
@@ -126,7 +126,7 @@ pub(super) async fn supervise(
                     return setup_failed(&options, &error);
                 }
             };
-            (path, procs, None, Events::Daemon(session))
+            (path, procs, None, Events::Daemon(*session))
         }
     };
 
@@ -202,26 +202,14 @@ pub(super) async fn supervise(
             drop(hierarchy);
             (totals, Some((enforcement, ring)))
         }
-        (Events::Daemon(session), _) => {
-            match session.finish(|bytes| state.feed(bytes)).await {
-                Ok(totals) => (totals, None),
-                Err(e) => {
-                    eprintln!("guard: {e}");
-                    eprintln!("guard: the daemon did not report the run's counters; they are missing below");
-                    return conclude(
-                        &options,
-                        &policies,
-                        state,
-                        status,
-                        RunTotals::default(),
-                        &path,
-                        started,
-                        started_at,
-                    )
-                    .max(EXIT_SETUP_FAILED);
-                }
-            }
-        }
+        (Events::Daemon(session), _) => match session.finish(|bytes| state.feed(bytes)).await {
+            client::Ending::Totals(totals) => (totals, None),
+            client::Ending::WithoutDaemon {
+                counted,
+                guard_removed,
+                reason,
+            } => (state.without_daemon(counted, guard_removed, &reason), None),
+        },
         (Events::Ring(_), None) => unreachable!("a ring comes with standalone enforcement"),
     };
     let code = conclude(
@@ -339,6 +327,11 @@ pub(super) struct RunState<'a> {
     pub(super) hosts: Vec<HostsEntry>,
     /// The output files, opened before the command started.
     pub(super) outputs: Outputs,
+    /// Records of blocked, audited or unreadable messages received (each
+    /// such message is one record), to count those that never arrived.
+    pub(super) reports_received: u64,
+    /// Set when the run ended without its daemon (see [`RunFault`]).
+    pub(super) fault: Option<RunFault>,
 }
 
 impl<'a> RunState<'a> {
@@ -362,7 +355,71 @@ impl<'a> RunState<'a> {
             },
             hosts: Vec::new(),
             outputs: Outputs::default(),
+            reports_received: 0,
+            fault: None,
         }
+    }
+
+    /// The totals of a run ended without its daemon: the kernel's counters
+    /// read from the pinned maps when they could be (exact; the records the
+    /// daemon never passed on count as lost), else only what the records
+    /// received show. Notes the fault for the report and the exit status.
+    pub(super) fn without_daemon(
+        &mut self,
+        counted: Option<RunTotals>,
+        guard_removed: bool,
+        reason: &str,
+    ) -> RunTotals {
+        eprintln!("guard: {reason}; the run was ended without the daemon");
+        let (kind, detail, totals) = match (guard_removed, counted) {
+            (true, counted) => (
+                "guard-removed",
+                "the guard was removed while the command ran (guard daemon --uninstall, or a new generation that could not carry the run over); the command was ended",
+                counted.unwrap_or_else(|| self.totals_from_records()),
+            ),
+            (false, Some(counted)) => (
+                "daemon-gone",
+                "the guard daemon went away and did not finish the run; its counters were read from the kernel",
+                counted,
+            ),
+            (false, None) => (
+                "counters-unavailable",
+                "the guard daemon went away and the run's counters could not be read; only the records received are counted",
+                self.totals_from_records(),
+            ),
+        };
+        eprintln!("guard: {detail}");
+        let mut totals = totals;
+        let reported =
+            totals.counters.blocked + totals.counters.audited + totals.counters.unreadable;
+        totals.events_lost = totals
+            .events_lost
+            .max(reported.saturating_sub(self.reports_received));
+        if totals.resolver_socket_hooks.is_empty() {
+            totals.resolver_socket_hooks =
+                "unknown: the guard daemon did not report the end of the run".into();
+        }
+        self.fault = Some(RunFault {
+            kind: kind.into(),
+            detail: format!("{reason}: {detail}"),
+        });
+        totals
+    }
+
+    /// Counters from the records received alone (a lower bound).
+    fn totals_from_records(&self) -> RunTotals {
+        let count = |verdicts: &[&str]| {
+            self.events
+                .iter()
+                .filter(|e| verdicts.contains(&e.verdict.as_str()))
+                .count() as u64
+        };
+        let mut totals = RunTotals::default();
+        totals.counters.blocked = count(&["blocked"]);
+        totals.counters.audited = count(&["audited"]);
+        totals.counters.unreadable = count(&["unreadable-blocked", "unreadable-audited"]);
+        totals.evidence = self.evidence_received.to_vec();
+        totals
     }
 
     fn on_evidence(&mut self, evidence: Evidence) {
@@ -438,6 +495,9 @@ impl<'a> RunState<'a> {
                 tracing::debug!(error = %e, transport = %query.transport, "could not end the blocked query's socket");
             }
             ended = Some(result.is_ok());
+        }
+        if query.verdict != Verdict::Allowed {
+            self.reports_received += 1;
         }
         if self.events.len() >= MAX_STORED_EVENTS {
             self.omitted += 1;

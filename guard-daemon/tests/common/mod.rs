@@ -4,6 +4,8 @@
 //! [::1]:53, and a private /etc/resolv.conf pointing at them.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::{
     fs,
     path::{Path, PathBuf},

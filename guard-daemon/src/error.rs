@@ -106,9 +106,51 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// What to do about a refused bpf(), perf_event_open() or cgroup write.
+pub const PRIVILEGE_HINT: &str = "guard needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN (loading programs, attaching tracepoints and cgroup hooks, creating cgroups)";
+
+/// Whether the kernel refused an operation for lack of privilege (EPERM
+/// or EACCES) anywhere in the error's chain of causes.
+pub fn denied_permission(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::PermissionDenied {
+                return true;
+            }
+        }
+        if let Some(errno) = e.downcast_ref::<nix::Error>() {
+            if matches!(errno, nix::Error::EPERM | nix::Error::EACCES) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_for_lack_of_privilege_is_found_among_the_causes() {
+        let pin = aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_OBJ_PIN",
+            io_error: io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert!(denied_permission(&pin));
+        let exists = aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_OBJ_PIN",
+            io_error: io::Error::from_raw_os_error(libc::EEXIST),
+        });
+        assert!(!denied_permission(&exists));
+        let cgroup = Error::Sys {
+            context: "creating the cgroup".into(),
+            source: nix::Error::EACCES,
+        };
+        assert!(denied_permission(&cgroup));
+    }
 
     #[test]
     fn causes_are_shown_once_each() {

@@ -801,3 +801,31 @@ fn ipv6_extension_headers_cannot_hide_a_query() {
         }
     }
 }
+
+/// Without privilege nothing is set up and the command does not run; the
+/// error names the operation, the object and the OS error, and says what
+/// guard needs.
+#[test]
+fn without_privilege_the_command_is_not_run_and_the_cause_is_named() {
+    let sandbox = Sandbox::new();
+    let marker = sandbox.path("ran");
+    // The command would run as nobody: the marker's directory must be
+    // writable by nobody, or the marker could not prove anything.
+    let dir = marker.parent().unwrap().to_owned();
+    let mode = fs::metadata(&dir).unwrap().permissions();
+    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", GUARD])
+        .args(["run", "--standalone", "--deny", "frontend.internal", "--"])
+        .args(["touch", marker.to_str().unwrap()])
+        .current_dir("/")
+        .output()
+        .expect("setpriv (util-linux)");
+    fs::set_permissions(&dir, mode).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(!marker.exists(), "the command ran: {stderr}");
+    assert!(stderr.contains("Permission denied (os error"), "{stderr}");
+    assert!(stderr.contains("guard needs root, or CAP_BPF"), "{stderr}");
+    assert!(stderr.contains("the command was not run"), "{stderr}");
+}

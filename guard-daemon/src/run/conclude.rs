@@ -8,8 +8,8 @@ use std::{
 };
 
 use super::{
-    exit_code_of, outputs::Kind, supervise::RunState, RunOptions, EXIT_BLOCKED,
-    EXIT_GUARD_REMOVED, EXIT_OUTPUT_FAILED, EXIT_VERDICT_UNKNOWN,
+    exit_code_of, outputs::Kind, supervise::RunState, RunOptions, EXIT_BLOCKED, EXIT_GUARD_REMOVED,
+    EXIT_OUTPUT_FAILED, EXIT_VERDICT_UNKNOWN,
 };
 use crate::{
     api::RunTotals,

@@ -237,6 +237,9 @@ fn evidence_enforced(options: &RunOptions, rules: &RuleSet) -> bool {
 
 fn setup_failed(options: &RunOptions, error: &Error) -> i32 {
     eprintln!("guard: cannot set up enforcement: {error}");
+    if crate::error::denied_permission(error) {
+        eprintln!("guard: {}", crate::error::PRIVILEGE_HINT);
+    }
     if !options.fail_open {
         eprintln!("guard: the command was not run (use --fail-open to run it unguarded instead)");
         return EXIT_SETUP_FAILED;

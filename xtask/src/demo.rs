@@ -27,7 +27,7 @@ mount --bind {temp}/resolv.conf /etc/resolv.conf
 {bin}/guard-dns-stub 127.0.0.1:53 300 2> {temp}/dns.log &
 stub=$!
 # The server is the demo's own: stop it however the demo ends.
-trap 'kill $stub 2>/dev/null; wait $stub 2>/dev/null || true' EXIT
+trap 'kill $stub 2>/dev/null || true; wait $stub 2>/dev/null || true' EXIT
 for i in $(seq 50); do grep -q serving {temp}/dns.log && break; sleep 0.1; done
 echo
 echo "\$ guard run --policy policies/frontend-during-db-deploy.yaml --report {temp}/report.json -- examples/deploy-db.sh"
@@ -39,6 +39,11 @@ echo
 echo "guard exited with $status (77 = a lookup was blocked; a CI job fails here)"
 echo
 echo "The DNS server received (the refused lookup never left the host):"
+# The server writes its log every 100 ms, and guard exits right after the
+# report: give it one more tick, then stop it so the log is complete.
+sleep 0.25
+kill $stub 2>/dev/null || true
+wait $stub 2>/dev/null || true
 grep answered {temp}/dns.log | sed 's/^/  /'
 echo
 echo "The JSON report is {temp}/report.json"

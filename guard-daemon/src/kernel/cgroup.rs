@@ -173,6 +173,20 @@ impl RunCgroup {
     }
 }
 
+/// A cgroup's directory, for clone3(CLONE_INTO_CGROUP).
+pub fn open_dir(cgroup: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(cgroup)
+        .map_err(|source| Error::Cgroup {
+            action: "opening",
+            path: cgroup.to_owned(),
+            source,
+        })
+}
+
 /// A cgroup's `cgroup.procs`, opened for writing.
 pub fn procs_for_writing(cgroup: &Path) -> Result<File> {
     let procs = cgroup.join("cgroup.procs");

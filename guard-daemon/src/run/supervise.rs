@@ -45,20 +45,6 @@ use crate::{
 /// (a detach is also seen at the end: it is permanent).
 const ATTACHMENT_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The run's cgroup directory, for clone3(CLONE_INTO_CGROUP).
-fn open_directory(path: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(path)
-        .map_err(|source| Error::Cgroup {
-            action: "opening",
-            path: path.to_owned(),
-            source,
-        })
-}
-
 /// Where the run's enforcement lives.
 pub(super) enum Backend {
     Standalone(Box<Standalone>),
@@ -134,7 +120,7 @@ pub(super) async fn supervise(
         .command
         .split_first()
         .expect("run() checked the command is not empty");
-    let dir = match open_directory(&path) {
+    let dir = match crate::kernel::cgroup::open_dir(&path) {
         Ok(dir) => dir,
         Err(e) => {
             drop(events);
